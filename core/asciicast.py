@@ -114,7 +114,8 @@ class Encoder:
         return format_time(self._last)
 
     def _line(self, t: float, code: Code, data: str) -> bytes:
-        return f"[{self._time(t)}, {json.dumps(code.value)}, {json.dumps(data, ensure_ascii=False)}]\n".encode()
+        text = json.dumps(data, ensure_ascii=False)
+        return f"[{self._time(t)}, {json.dumps(code.value)}, {text}]\n".encode()
 
     def _decode(self, code: Code, data: bytes, final: bool) -> tuple[str, bytes]:
         """Decode what is complete; return the text and the invalid bytes it replaced.
@@ -180,8 +181,8 @@ def parse_header(doc: object, line: int = 1) -> Header:
         if doc.get(name) is not None and not isinstance(doc[name], str):
             raise AsciicastError(line, f"header: {name!r} must be a string")
     idle = doc.get("idle_time_limit")
-    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int | float)):
-        raise AsciicastError(line, "header: 'idle_time_limit' must be a number")
+    if idle is not None and _finite(idle) is None:
+        raise AsciicastError(line, "header: 'idle_time_limit' must be a finite number")
     known = {"version", "width", "height", "timestamp", "env", "command", "title"}
     known.add("idle_time_limit")
     return Header(
@@ -191,16 +192,30 @@ def parse_header(doc: object, line: int = 1) -> Header:
         env=env,
         command=doc.get("command"),
         title=doc.get("title"),
-        idle_time_limit=None if idle is None else float(idle),
+        idle_time_limit=_finite(idle),
         extra={k: v for k, v in doc.items() if k not in known},
     )
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite JSON number, else None. An integer too big
+    for a float (JSON allows any number of digits) is not finite here: converting it
+    would raise OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_event(doc: object, line: int, previous: float) -> Event:
     if not isinstance(doc, list) or len(doc) != 3:
         raise AsciicastError(line, "an event must be a JSON array [time, code, data]")
-    t, code, data = doc
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+    raw_t, code, data = doc
+    t = _finite(raw_t)
+    if t is None or t < 0:
         raise AsciicastError(line, "event time must be a non-negative number")
     if t < previous:
         raise AsciicastError(line, f"event time {t} goes back (previous event at {previous})")
@@ -212,7 +227,7 @@ def parse_event(doc: object, line: int, previous: float) -> Event:
         raise AsciicastError(line, "event data must be a string")
     if kind is Code.RESIZE and not _is_size(data):
         raise AsciicastError(line, f"resize data must be COLSxROWS, not {data[:40]!r}")
-    return Event(float(t), kind, data)
+    return Event(t, kind, data)
 
 
 def _is_size(data: str) -> bool:
@@ -228,22 +243,36 @@ class Decoder:
         self._buf = bytearray()
         self._line = 0
         self._last = 0.0
+        self._failed: AsciicastError | None = None
         self.header: Header | None = None
 
     def feed(self, data: bytes) -> list[Header | Event]:
+        self._check_failed()
         self._buf += data
         out: list[Header | Event] = []
         start = 0
-        while (end := self._buf.find(b"\n", start)) >= 0:
-            out.extend(self._parse(bytes(self._buf[start:end])))
-            start = end + 1
-        del self._buf[:start]
-        if len(self._buf) > MAX_LINE:
-            raise AsciicastError(self._line + 1, f"line longer than {MAX_LINE} bytes")
+        try:
+            while (end := self._buf.find(b"\n", start)) >= 0:
+                out.extend(self._parse(bytes(self._buf[start:end])))
+                start = end + 1
+            if len(self._buf) - start > MAX_LINE:
+                raise AsciicastError(self._line + 1, f"line longer than {MAX_LINE} bytes")
+        except AsciicastError as exc:
+            self._failed = exc
+            raise
+        finally:
+            del self._buf[:start]
         return out
+
+    def _check_failed(self) -> None:
+        # A decoder that failed stays failed: feeding it again must not re-parse the bad
+        # line under the next line number, nor go on past it.
+        if self._failed is not None:
+            raise AsciicastError(self._failed.line, self._failed.reason)
 
     def close(self) -> list[Header | Event]:
         """The last line may lack its newline; a file with no header is an error."""
+        self._check_failed()
         rest, self._buf = bytes(self._buf), bytearray()
         out = self._parse(rest) if rest.strip() else []
         if self.header is None:
@@ -260,6 +289,8 @@ class Decoder:
             raise AsciicastError(self._line, "not valid UTF-8") from None
         except ValueError as exc:
             raise AsciicastError(self._line, f"not valid JSON ({exc.args[0]})") from None
+        except RecursionError:  # json raises it, not ValueError, for deeply nested input
+            raise AsciicastError(self._line, "not valid JSON (nested too deeply)") from None
         if self.header is None:
             self.header = parse_header(doc, self._line)
             return [self.header]

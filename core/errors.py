@@ -43,14 +43,11 @@ class TamperedError(SealedFormatError):
         super().__init__(message)
 
 
-class KeyError_(SSHAuditError):
-    """A key file is unreadable or malformed, or no key fits the file.
-
-    Named with a trailing underscore so it never shadows the builtin ``KeyError``.
-    """
+class KeyFileError(SSHAuditError):
+    """A key file is unreadable or malformed, or no key fits the file."""
 
 
-class NoRecipientError(KeyError_):
+class NoRecipientError(KeyFileError):
     """None of the given private keys has an entry in the file's recipients."""
 
 

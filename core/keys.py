@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from sshaudit.errors import KeyError_
+from sshaudit.errors import KeyFileError
 
 RAW_KEY_LEN = 32
 _MAX_KEY_FILE = 64  # 44 base64 characters + newline; anything longer is not a key file
@@ -25,14 +25,14 @@ _MAX_KEY_FILE = 64  # 44 base64 characters + newline; anything longer is not a k
 def decode_key_text(data: bytes, what: str) -> bytes:
     """Decode a key file's content to its 32 raw bytes, strictly."""
     if len(data) > _MAX_KEY_FILE:
-        raise KeyError_(f"{what}: not a key file (too long)")
+        raise KeyFileError(f"{what}: not a key file (too long)")
     text = data[:-1] if data.endswith(b"\n") else data
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise KeyError_(f"{what}: not base64 of a 32-byte key") from exc
+        raise KeyFileError(f"{what}: not base64 of a 32-byte key") from exc
     if len(raw) != RAW_KEY_LEN or base64.b64encode(raw) != text:
-        raise KeyError_(f"{what}: not base64 of a 32-byte key")
+        raise KeyFileError(f"{what}: not base64 of a 32-byte key")
     return raw
 
 

@@ -56,6 +56,7 @@ ENC_LEN = 32
 SEALED_DEK_LEN = DEK_LEN + TAG_LEN
 
 _U32 = struct.Struct(">I")
+_TRAILER_MARK_BYTES = _U32.pack(TRAILER_MARK)
 _NONCE = struct.Struct(">QB3x")  # u64 frame index || last-frame byte || three zero bytes
 _KID_RE = re.compile(r"[0-9a-f]{16}")
 
@@ -142,7 +143,8 @@ def parse_header(raw: bytes) -> SealedHeader:
     """Parse and check the header JSON (FORMAT.md "Header fields")."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: CPython's json raises it, not ValueError, for deep nesting.
         raise SealedFormatError("header: not UTF-8 JSON") from exc
     if not isinstance(doc, dict):
         raise SealedFormatError("header: not a JSON object")
@@ -423,7 +425,14 @@ class SealedReader:
             doc = json.loads(doc_bytes.decode("utf-8"))
             alg, sig_b64 = doc["alg"], doc["sig"]
             sig = base64.b64decode(sig_b64, validate=True)
-        except (UnicodeDecodeError, ValueError, TypeError, KeyError, binascii.Error) as exc:
+        except (
+            UnicodeDecodeError,
+            ValueError,
+            TypeError,
+            KeyError,
+            binascii.Error,
+            RecursionError,  # json raises it, not ValueError, for deeply nested input
+        ) as exc:
             raise SealedFormatError("signature trailer is not valid JSON") from exc
         assert self.header is not None
         if alg != "Ed25519" or self.header.host_key is None or not self._last_seen:
@@ -441,10 +450,16 @@ class SealedReader:
             raise SealedFormatError("the reader already failed") from self._failed
         if self.header is None:
             raise SealedFormatError(f"file ends inside the {self._state.value}")
-        torn = self._state is _State.FRAME or (
-            self._state is _State.FRAME_LEN and len(self._buf) > 0
-        )
         signature = self._signature
+        if self._last_seen and self._state is _State.FRAME_LEN and self._buf:
+            # 1-3 bytes after the last frame: only a trailer mark cut short may be there
+            # (no frame may follow the last one). The frames are all there: not torn.
+            if not _TRAILER_MARK_BYTES.startswith(self._buf):
+                raise SealedFormatError(f"frame {self.frames} comes after the last frame")
+            signature = SignatureStatus.INVALID
+        torn = self._state is _State.FRAME or (
+            self._state is _State.FRAME_LEN and len(self._buf) > 0 and not self._last_seen
+        )
         if self._state in (_State.TRAILER_LEN, _State.TRAILER):
             signature = SignatureStatus.INVALID  # a trailer cut short proves nothing
         complete = self._last_seen and not torn
