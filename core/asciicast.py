@@ -274,9 +274,13 @@ class Decoder:
         """The last line may lack its newline; a file with no header is an error."""
         self._check_failed()
         rest, self._buf = bytes(self._buf), bytearray()
-        out = self._parse(rest) if rest.strip() else []
-        if self.header is None:
-            raise AsciicastError(0, "empty file: no header line")
+        try:
+            out = self._parse(rest) if rest.strip() else []
+            if self.header is None:
+                raise AsciicastError(0, "empty file: no header line")
+        except AsciicastError as exc:
+            self._failed = exc
+            raise
         return out
 
     def _parse(self, raw: bytes) -> list[Header | Event]:

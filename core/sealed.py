@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId
 
 from sshaudit.errors import NoRecipientError, SealedFormatError, TamperedError
+from sshaudit.hashing import OverlappedSha256
 from sshaudit.keys import AuditorPrivateKey, AuditorPublicKey
 
 MAGIC = b"SSHAUDIT\x00\x01"
@@ -83,6 +84,7 @@ class SignatureStatus(Enum):
     VALID = "valid"
     INVALID = "invalid"
     ABSENT = "absent"
+    UNCHECKED = "unchecked"  # present, but the reader was told not to check it
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,8 @@ class SealedWriter:
         if len(self.header_bytes) > MAX_HEADER:
             raise ValueError("header larger than 1 MiB")
         self._aad = hashlib.sha256(self.header_bytes).digest()
-        self._sig_hash = hashlib.sha256(self.header_bytes)
+        # Only a signed file needs the running hash (FORMAT.md "Trailer").
+        self._sig_hash = OverlappedSha256(self.header_bytes) if host_key is not None else None
         self.frames = 0
         self.closed = False
 
@@ -226,38 +229,44 @@ class SealedWriter:
     def start(self) -> bytes:
         return MAGIC + _U32.pack(len(self.header_bytes)) + self.header_bytes
 
-    def _frame(self, plaintext: bytes | memoryview, last: bool) -> bytes:
+    def _frame(self, plaintext: bytes | memoryview, last: bool) -> bytearray:
         if self.closed:
             raise ValueError("the sealed file is closed")
-        ct = self._aead.encrypt(frame_nonce(self.frames, last), plaintext, self._aad)
+        size = len(plaintext) + TAG_LEN
+        out = bytearray(4 + size)  # length prefix and ciphertext in one buffer, no copy
+        _U32.pack_into(out, 0, size)
+        nonce = frame_nonce(self.frames, last)
+        self._aead.encrypt_into(nonce, plaintext, self._aad, memoryview(out)[4:])
         self.frames += 1
-        out = _U32.pack(len(ct)) + ct
-        self._sig_hash.update(out)
+        if self._sig_hash is not None:
+            self._sig_hash.update(memoryview(out))
         return out
 
-    def write(self, plaintext: bytes) -> bytes:
+    # The buffers returned below are the caller's to write out, not to modify: a signing
+    # writer may still be hashing them on the worker thread (core/hashing.py), which holds
+    # a memoryview of each, so resizing one raises BufferError instead of breaking the hash.
+
+    def write(self, plaintext: bytes | memoryview) -> bytearray:
         """Seal ``plaintext`` as one frame (or several, past 1 MiB); none of them last."""
         view = memoryview(plaintext)
         parts = [
             self._frame(view[i : i + MAX_FRAME_PLAINTEXT], last=False)
             for i in range(0, max(len(view), 1), MAX_FRAME_PLAINTEXT)
         ]
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else bytearray().join(parts)
 
-    def close(self, plaintext: bytes = b"") -> bytes:
+    def close(self, plaintext: bytes | memoryview = b"") -> bytearray:
         """Seal the rest as the last frame, then the signature trailer if signing."""
         view = memoryview(plaintext)
-        head, tail = view[: -MAX_FRAME_PLAINTEXT or None], view[-MAX_FRAME_PLAINTEXT:]
-        if len(view) <= MAX_FRAME_PLAINTEXT:
-            head, tail = view[:0], view
-        out = self.write(bytes(head)) if head else b""
-        out += self._frame(tail, last=True)
+        cut = max(len(view) - MAX_FRAME_PLAINTEXT, 0)
+        parts = [self.write(view[:cut])] if cut else []
+        parts.append(self._frame(view[cut:], last=True))
         self.closed = True
-        if self._host_key is None:
-            return out
-        sig = self._host_key.sign(self._sig_hash.digest())
-        doc = json.dumps({"alg": "Ed25519", "sig": base64.b64encode(sig).decode()}).encode()
-        return out + _U32.pack(TRAILER_MARK) + _U32.pack(len(doc)) + doc
+        if self._host_key is not None and self._sig_hash is not None:
+            sig = self._host_key.sign(self._sig_hash.digest())
+            doc = json.dumps({"alg": "Ed25519", "sig": base64.b64encode(sig).decode()}).encode()
+            parts.append(bytearray(_U32.pack(TRAILER_MARK) + _U32.pack(len(doc)) + doc))
+        return bytearray().join(parts)
 
 
 class _State(Enum):
@@ -314,14 +323,15 @@ class SealedReader:
     authentication raises :class:`TamperedError` naming the frame, and the reader stays
     failed: nothing after a bad frame is ever returned."""
 
-    def __init__(self, keys: Sequence[AuditorPrivateKey]) -> None:
+    def __init__(self, keys: Sequence[AuditorPrivateKey], *, check_signature: bool = True) -> None:
         self._keys = list(keys)
+        self._check = check_signature
         self._buf = bytearray()
         self._state = _State.MAGIC
         self._need = len(MAGIC)
         self._aead: ChaCha20Poly1305 | None = None
         self._aad = b""
-        self._sig_hash = hashlib.sha256()
+        self._sig_hash: OverlappedSha256 | None = None
         self._last_seen = False
         self._signature = SignatureStatus.ABSENT
         self._failed: Exception | None = None
@@ -332,29 +342,47 @@ class SealedReader:
     def feed(self, data: bytes) -> bytes:
         if self._failed is not None:
             raise SealedFormatError("the reader already failed") from self._failed
-        self._buf += data
+        # Pieces are parsed straight out of an immutable buffer through memoryviews: no
+        # per-frame copies, and the hashing thread may keep a view after we return. Only a
+        # piece that straddles two feeds is copied, into self._buf.
+        view = memoryview(data if type(data) is bytes else bytes(data))
         out: list[bytes] = []
         pos = 0
         try:
-            while self._state is not _State.DONE and len(self._buf) - pos >= self._need:
-                chunk = bytes(self._buf[pos : pos + self._need])
-                pos += self._need
+            while self._state is not _State.DONE:
+                chunk, pos = self._next_piece(view, pos)
+                if chunk is None:
+                    break
                 plain = self._step(chunk)
                 if plain is not None:
                     out.append(plain)
-            if self._state is _State.DONE and len(self._buf) > pos:
+            if self._state is _State.DONE and (self._buf or pos < len(view)):
                 raise SealedFormatError("data after the signature trailer")
         except Exception as exc:
             self._failed = exc
             raise
-        finally:
-            del self._buf[:pos]
         return b"".join(out)
 
-    def _step(self, chunk: bytes) -> bytes | None:
+    def _next_piece(self, view: memoryview, pos: int) -> tuple[memoryview | None, int]:
+        """The next ``self._need`` bytes, or None (keeping the rest for the next feed)."""
+        if self._buf:
+            take = min(self._need - len(self._buf), len(view) - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+            if len(self._buf) < self._need:
+                return None, pos
+            piece = memoryview(bytes(self._buf))
+            self._buf.clear()
+            return piece, pos
+        if len(view) - pos >= self._need:
+            return view[pos : pos + self._need], pos + self._need
+        self._buf += view[pos:]
+        return None, len(view)
+
+    def _step(self, chunk: memoryview) -> bytes | None:
         state = self._state
         if state is _State.MAGIC:
-            if chunk != MAGIC:
+            if bytes(chunk) != MAGIC:
                 raise SealedFormatError("not a sealed recording (bad magic or version)")
             self._expect(_State.HEADER_LEN, 4)
         elif state is _State.HEADER_LEN:
@@ -363,7 +391,7 @@ class SealedReader:
                 raise SealedFormatError(f"header length {n} out of range (2..{MAX_HEADER})")
             self._expect(_State.HEADER, n)
         elif state is _State.HEADER:
-            self._start(parse_header(chunk))
+            self._start(parse_header(bytes(chunk)))
         elif state is _State.FRAME_LEN:
             self._frame_len(_U32.unpack(chunk)[0])
         elif state is _State.FRAME:
@@ -374,7 +402,7 @@ class SealedReader:
                 raise SealedFormatError(f"signature trailer length {n} out of range")
             self._expect(_State.TRAILER, n)
         elif state is _State.TRAILER:
-            self._signature = self._check_signature(chunk)
+            self._signature = self._check_signature(bytes(chunk))
             self._expect(_State.DONE, 0)
         return None
 
@@ -385,7 +413,10 @@ class SealedReader:
         self.header = header
         self._aead = ChaCha20Poly1305(open_dek(header, self._keys))
         self._aad = header.digest
-        self._sig_hash.update(header.raw)
+        # SHA-256 over every byte bounds the reader's speed (it is slower than
+        # ChaCha20-Poly1305 here), so it runs only when a signature could be valid.
+        if self._check and header.host_key is not None:
+            self._sig_hash = OverlappedSha256(header.raw)
         self._expect(_State.FRAME_LEN, 4)
 
     def _frame_len(self, n: int) -> None:
@@ -396,10 +427,11 @@ class SealedReader:
         elif not TAG_LEN <= n <= MAX_FRAME:
             raise SealedFormatError(f"frame {self.frames}: length {n} out of range")
         else:
-            self._sig_hash.update(_U32.pack(n))
+            if self._sig_hash is not None:
+                self._sig_hash.update(_U32.pack(n))
             self._expect(_State.FRAME, n)
 
-    def _open_frame(self, ct: bytes) -> bytes:
+    def _open_frame(self, ct: memoryview) -> bytes:
         assert self._aead is not None
         i = self.frames
         try:
@@ -414,7 +446,8 @@ class SealedReader:
                     frame=i,
                 ) from None
             self._last_seen = True
-        self._sig_hash.update(ct)
+        if self._sig_hash is not None:
+            self._sig_hash.update(ct)
         self.frames += 1
         self.plaintext_bytes += len(plain)
         self._expect(_State.FRAME_LEN, 4)
@@ -435,8 +468,11 @@ class SealedReader:
         ) as exc:
             raise SealedFormatError("signature trailer is not valid JSON") from exc
         assert self.header is not None
-        if alg != "Ed25519" or self.header.host_key is None or not self._last_seen:
+        if not self._check:
+            return SignatureStatus.UNCHECKED
+        if alg != "Ed25519" or self._sig_hash is None or not self._last_seen:
             return SignatureStatus.INVALID
+        assert self.header.host_key is not None
         try:
             pub = Ed25519PublicKey.from_public_bytes(self.header.host_key)
             pub.verify(sig, self._sig_hash.digest())
