@@ -31,7 +31,7 @@ FRAME = 64 * 1024
 
 def seal_ours(
     chunks: list[bytes], keys: list[AuditorPrivateKey], signed: bool = True
-) -> list[bytes]:
+) -> list[bytes | bytearray]:
     """Seal pre-cut frames, as the daemon does, keeping the output pieces (no join)."""
     writer = SealedWriter(
         recipients=[k.public for k in keys],
@@ -40,7 +40,7 @@ def seal_ours(
         created_at=datetime.now(UTC),
         host_key=Ed25519PrivateKey.generate() if signed else None,
     )
-    out = [writer.start()]
+    out: list[bytes | bytearray] = [writer.start()]
     out.extend(writer.write(c) for c in chunks[:-1])
     out.append(writer.close(chunks[-1]))
     return out

@@ -132,6 +132,16 @@ class PtySession:
                 tail = bytes(self.output[self._pos :])[-2000:]
                 raise PtyWaitError(f"{why} before {regex.pattern!r}; unconsumed output: {tail!r}")
 
+    def read_line(self, text: bytes | str, timeout: float = 10.0) -> bytes:
+        """Consume up to an output line that is exactly ``text``.
+
+        The line must follow a CR or LF and end with CRLF, so the terminal's echo of a typed
+        command (``$ echo hello``) never matches, whatever escape sequences the shell adds
+        (bash's bracketed-paste mode writes ``ESC[?2004l CR`` before a command's output).
+        """
+        raw = text.encode() if isinstance(text, str) else text
+        return self.read_until(re.compile(rb"(?:\A|[\r\n])" + re.escape(raw) + rb"\r\n"), timeout)
+
     def read_to_eof(self, timeout: float = 10.0) -> bytes:
         """Consume and return everything until the child closes the terminal."""
         deadline = time.monotonic() + timeout

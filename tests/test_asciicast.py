@@ -200,8 +200,8 @@ def test_any_bytes_cut_anywhere(data: bytes, cuts: list[int]) -> None:
     named = b""
     for e in lines:
         if e[1] == "m":
-            count, _, shown = e[2].removeprefix("sshaudit: invalid UTF-8 in o: ").partition(
-                " bytes: "
+            count, _, shown = (
+                e[2].removeprefix("sshaudit: invalid UTF-8 in o: ").partition(" bytes: ")
             )
             assert int(count) >= 1
             named += bytes.fromhex(shown.removesuffix(" ..."))
@@ -246,8 +246,11 @@ BAD_CASTS: list[tuple[bytes, int, str]] = [
     (b'{"version": 2, "width": 80, "height": 24, "command": []}\n', 1, "'command'"),
     (b'{"version": 2, "width": 80, "height": 24, "idle_time_limit": "1"}\n', 1, "idle_time"),
     (b'{"version": 2, "width": 80, "height": 24, "idle_time_limit": NaN}\n', 1, "idle_time"),
-    (b'{"version": 2, "width": 80, "height": 24, "idle_time_limit": 1' + b"0" * 400 + b"}\n",
-     1, "idle_time"),
+    (
+        b'{"version": 2, "width": 80, "height": 24, "idle_time_limit": 1' + b"0" * 400 + b"}\n",
+        1,
+        "idle_time",
+    ),
     (HEAD + b"\xff\n", 2, "not valid UTF-8"),
     (HEAD + b'[1, "o"]\n', 2, "[time, code, data]"),
     (HEAD + b'{"t": 1}\n', 2, "[time, code, data]"),
@@ -322,7 +325,9 @@ OPS = st.lists(
     st.one_of(
         st.tuples(st.just("o"), st.floats(0, 100), st.binary(max_size=40)),
         st.tuples(st.just("i"), st.floats(0, 100), st.binary(max_size=10)),
-        st.tuples(st.just("r"), st.floats(0, 100), st.tuples(st.integers(1, 999), st.integers(1, 999))),
+        st.tuples(
+            st.just("r"), st.floats(0, 100), st.tuples(st.integers(1, 999), st.integers(1, 999))
+        ),
         st.tuples(st.just("m"), st.floats(0, 100), st.text(max_size=20)),
     ),
     max_size=25,

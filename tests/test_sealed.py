@@ -47,9 +47,9 @@ SESSION = "0b9f8c1e-3a52-4d7e-9c61-2f4d8e7a1b00"
 WHEN = datetime(2026, 11, 22, 1, 2, 3, tzinfo=UTC)
 
 
-def read(data: bytes, keys: Sequence[AuditorPrivateKey], chunks: Sequence[int] = ()) -> tuple[
-    bytes, ReadResult
-]:
+def read(
+    data: bytes, keys: Sequence[AuditorPrivateKey], chunks: Sequence[int] = ()
+) -> tuple[bytes, ReadResult]:
     """Feed ``data`` to a project reader in pieces of the given sizes, then the rest."""
     reader = SealedReader(keys)
     out, pos = [], 0
@@ -315,9 +315,10 @@ def test_independent_writer_to_project_reader(
         assert result.completeness is Completeness.COMPLETE
         assert result.signature is expected_signature(signing)
         if signing is not None:
-            assert result.header.host_key == Ed25519PrivateKey.from_private_bytes(
-                signing
-            ).public_key().public_bytes_raw()
+            assert (
+                result.header.host_key
+                == Ed25519PrivateKey.from_private_bytes(signing).public_key().public_bytes_raw()
+            )
     cut_off = ind.seal_file(pieces, publics(keys), SESSION, "h", signing, complete=False)
     plain, result = read(cut_off, [AuditorPrivateKey(keys[0])], chunks)
     assert plain == b"".join(pieces)
@@ -335,7 +336,10 @@ def test_project_writer_header_fields() -> None:
     assert header["content_type"] == "application/x-asciicast; version=2"
     assert (header["session_id"], header["host_id"]) == (SESSION, "web-1")
     assert header["created_at"] == "2026-11-22T01:02:03Z"
-    assert [r["kid"] for r in header["recipients"]] == [ind.kid(KEY1.public.raw), "3c665f536749eda7"]
+    assert [r["kid"] for r in header["recipients"]] == [
+        ind.kid(KEY1.public.raw),
+        "3c665f536749eda7",
+    ]
     for r in header["recipients"]:
         assert len(base64.b64decode(r["enc"])) == 32 and len(base64.b64decode(r["ct"])) == 48
     host = Ed25519PrivateKey.from_private_bytes(bytes(32)).public_key().public_bytes_raw()
@@ -350,7 +354,7 @@ def test_large_plaintexts_split_into_bounded_frames() -> None:
     big = bytes(range(256)) * (10 * 1024 + 3)  # 2.5 MiB and a bit
     writer = SealedWriter(recipients=[KEY1.public], session_id=SESSION, host_id="h",
                           created_at=WHEN)  # fmt: skip
-    data = writer.start() + writer.write(big) + writer.close(big[:1 << 20])
+    data = writer.start() + writer.write(big) + writer.close(big[: 1 << 20])
     lengths = [struct.unpack(">I", data[o : o + 4])[0] for o in ind.frame_offsets(data)]
     assert max(lengths) == ind.MAX_FRAME and len(lengths) == 4
     assert read(data, [KEY1])[0] == big + big[: 1 << 20]

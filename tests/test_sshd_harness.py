@@ -136,16 +136,16 @@ def test_interactive_login_shell_and_resize(sshd_server: SshdFactory, alice: Uni
     server = sshd_server()
     with server.interactive(alice, rows=24, cols=80) as term:
         term.send("echo hello\r")
-        term.read_until(b"\r\nhello\r\n")  # the output line, not the echoed command
+        term.read_line("hello")  # the output line, not the echo of the command
         term.send("shopt -q login_shell && echo LOGIN-$((40+2))\r")
         term.read_until(b"LOGIN-42")
         term.send("stty size\r")
-        term.read_until(b"\r\n24 80\r\n")
+        term.read_line("24 80")
         term.set_size(40, 132)
         for _attempt in range(10):  # the window-change message races the next command
             term.send("stty size\r")
             try:
-                term.read_until(b"\r\n40 132\r\n", timeout=1.0)
+                term.read_line("40 132", timeout=1.0)
                 break
             except PtyWaitError:
                 continue
@@ -210,7 +210,7 @@ def test_rsync_and_git(
 
     env = {**os.environ, "GIT_SSH_COMMAND": server.ssh_command(alice)}
     bare = alice.home / f"{token}-repo.git"
-    run(["git", "init", "-q", "--bare", str(bare)])
+    run(["git", "init", "-q", "--bare", "-b", "main", str(bare)])
     run(["chown", "-R", f"{alice.uid}:{alice.gid}", str(bare)])
     work = tmp_path / "work"
     run(["git", "init", "-q", "-b", "main", str(work)])
