@@ -291,8 +291,12 @@ class Decoder:
             doc = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise AsciicastError(self._line, "not valid UTF-8") from None
-        except ValueError as exc:
-            raise AsciicastError(self._line, f"not valid JSON ({exc.args[0]})") from None
+        except json.JSONDecodeError as exc:
+            raise AsciicastError(
+                self._line, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        except ValueError:
+            raise AsciicastError(self._line, "not valid JSON") from None
         except RecursionError:  # json raises it, not ValueError, for deeply nested input
             raise AsciicastError(self._line, "not valid JSON (nested too deeply)") from None
         if self.header is None:

@@ -30,8 +30,8 @@ Invariants of :class:`Sanitizer` output (whatever the input and however it is sp
   locks its keyboard (KAM), changes its parser (DECANM 2: VT52; ``ESC SP G``: 8-bit controls;
   ``ESC %``: character set) or its keyboard protocol (``CSI > m``, ``CSI > u``);
 - nothing is buffered without bound: a sequence is held (to be emitted whole) only up to
-  MAX_SEQUENCE characters, after which it is dropped and skipped to its end; control strings are
-  never buffered since nothing of them is kept.
+  MAX_SEQUENCE characters, after which it is dropped and skipped to its end (the same whether
+  it arrived whole or in pieces); control strings are never buffered: nothing of them is kept.
 
 Decisions: every OSC is dropped, set-title (OSC 0/1/2) included: the window title belongs to the
 auditor's desktop rather than to the screen being replayed, and it is what title-report attacks
@@ -132,7 +132,8 @@ class _Scanner:
             self._text(m.group(), out)
             return m.end()
         if m := _CLEAN_CSI.match(text, pos):
-            self._csi(m[1], m[2], m[3], out)
+            if m.end() - 1 - pos <= MAX_SEQUENCE:
+                self._csi(m[1], m[2], m[3], out)
             return m.end()
         char = text[pos]
         if char == ESC:
@@ -153,6 +154,9 @@ class _Scanner:
             return self._unfinished(text, pos, _State.IGNORE_ESC, out)
         controls, inter = _split_controls(text[pos + 1 : end])
         final = text[end]
+        if end - pos > MAX_SEQUENCE:  # as if cut by a feed: skipped like IGNORE_ESC does
+            self._controls(controls, out)
+            return end + 1 if "0" <= final <= "~" or final in _CANCEL else end
         if not inter and final in "[]" + _STRING_INTRODUCERS:
             # Controls seen so far are executed only once the whole sequence is known.
             return self._introduced(text, pos, end + 1, final, out, controls)
@@ -172,7 +176,7 @@ class _Scanner:
             if end == len(text):
                 return self._unfinished(text, pos, _State.IGNORE_CSI, out)
             self._controls(controls, out)
-            return self._end_csi(text[body:end], text[end], end, out)
+            return self._end_csi(text[body:end], text[end], end, out, end - pos > MAX_SEQUENCE)
         self._controls(controls, out)
         if fe == "]":
             self._state = _State.OSC
@@ -182,11 +186,11 @@ class _Scanner:
             self._esc("", fe, out)
         return body  # other C1 controls (and ST alone) are dropped
 
-    def _end_csi(self, body: str, final: str, end: int, out: list[str]) -> int:
+    def _end_csi(self, body: str, final: str, end: int, out: list[str], too_long: bool) -> int:
         controls, rest = _split_controls(body)
         self._controls(controls, out)
         if "@" <= final <= "~":
-            if m := _CSI_PARTS.fullmatch(rest):  # else malformed (a parameter after an
+            if not too_long and (m := _CSI_PARTS.fullmatch(rest)):  # else malformed (a parameter after an
                 self._csi(m[1], m[2], final, out)  # intermediate): dropped, like xterm does
             return end + 1
         return end + 1 if final in _CANCEL else end

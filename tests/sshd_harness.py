@@ -396,7 +396,24 @@ def _terminate_tree(proc: subprocess.Popen[bytes]) -> None:
     for child in children:
         with suppress(psutil.Error):
             child.terminate()
-    _gone, alive = psutil.wait_procs(children, timeout=3)
-    for child in alive:
+    for child in wait_gone(children, timeout=3.0):
         with suppress(psutil.Error):
             child.kill()
+    wait_gone(children, timeout=3.0)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:  # a zombie has finished; its reaper (init, once sshd is gone) may be slow to reap
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until no process in ``procs`` runs; return those still running at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)

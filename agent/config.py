@@ -1,0 +1,218 @@
+"""The agent's configuration: one TOML file (docs/agent-config.md), validated with pydantic.
+
+Invariants:
+- every value is checked before the daemon starts; a bad file gives one
+  :class:`~sshaudit.errors.ConfigError` naming the file and the key (``policy.frame_interval``),
+  never a traceback and never a silently ignored key (unknown keys are errors: a misspelt
+  policy must not fall back to a default unnoticed);
+- the models are frozen: the running daemon's view of its config never changes;
+- paths are absolute (the daemon runs from ``/``, a relative path would be ambiguous);
+- key files are read here (:func:`load_sealing_keys`) with their modes checked: the host
+  signing key must not be readable by anyone but its owner. No message quotes key material.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from sshaudit.errors import ConfigError, KeyFileError
+from sshaudit.keys import AuditorPublicKey, decode_key_text
+
+DEFAULT_CONFIG = Path("/etc/sshaudit/agent.toml")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_KEY_FILE = 4096
+_HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}")
+_USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,31}\$?")
+
+
+class OnDaemonDown(Enum):
+    """What the recorder does when the daemon cannot be reached (DESIGN.md "The recorder")."""
+
+    DENY = "deny"
+    ALLOW = "allow"
+
+
+class OnSpoolFull(Enum):
+    """What the daemon does when the spool is at its size cap (DESIGN.md "Shipping")."""
+
+    REFUSE = "refuse"
+    DROP_OLDEST = "drop_oldest"
+
+
+def _absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    if "\x00" in str(path):
+        raise ValueError("must not contain NUL")
+    return path
+
+
+def _host_id(value: str) -> str:
+    if not _HOST_ID_RE.fullmatch(value):
+        raise ValueError("must be 1-253 characters of letters, digits and . _ : @ - ")
+    return value
+
+
+def _user_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not _USER_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid unix user name")
+    return value
+
+
+AbsPath = Annotated[Path, AfterValidator(_absolute)]
+_FROZEN = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class PolicyConfig(BaseModel):
+    """The ``[policy]`` table."""
+
+    model_config = _FROZEN
+
+    on_daemon_down: Annotated[OnDaemonDown, Field(strict=False)] = OnDaemonDown.DENY
+    break_glass_users: Annotated[tuple[str, ...], AfterValidator(_user_names)] = Field(
+        default=(), strict=False
+    )
+    record_input: bool = True
+    exec_capture_cap: int = Field(default=1 << 20, ge=0, le=1 << 40)
+    exec_hash: bool = True
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20, le=1 << 50)
+    on_spool_full: Annotated[OnSpoolFull, Field(strict=False)] = OnSpoolFull.REFUSE
+    frame_interval: float = Field(default=1.0, gt=0.0, le=60.0, strict=False)
+    frame_max_bytes: int = Field(default=65536, ge=1024, le=1 << 20)
+    reconcile_grace: float = Field(default=5.0, gt=0.0, le=600.0, strict=False)
+
+
+class AgentConfig(BaseModel):
+    """The whole file. ``host_id`` and ``recipients`` have no sensible default."""
+
+    model_config = _FROZEN
+
+    socket: Annotated[AbsPath, Field(strict=False)] = Path("/run/sshaudit/agent.sock")
+    spool_dir: Annotated[AbsPath, Field(strict=False)] = Path("/var/spool/sshaudit")
+    host_id: Annotated[str, AfterValidator(_host_id)]
+    host_key_file: Annotated[AbsPath, Field(strict=False)] = Path("/etc/sshaudit/host.key")
+    recipients: tuple[Annotated[AbsPath, Field(strict=False)], ...] = Field(
+        min_length=1, max_length=256, strict=False
+    )
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]"
+        elif not item.startswith("function-"):
+            # pydantic names validators in loc for Annotated chains: keep the key names only.
+            out += f".{item}" if out else item
+    return out or "(top level)"
+
+
+_MESSAGES = {
+    "missing": "required key is missing",
+    "extra_forbidden": "unknown key (see docs/agent-config.md)",
+    "model_type": "must be a TOML table",
+    "model_attributes_type": "must be a TOML table",
+    "path_type": "must be a path (a string)",
+    "tuple_type": "must be a list",
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    errors = exc.errors(include_url=False, include_input=False)
+    for err in errors:
+        if err["type"] == "too_short" and len(errors) > 1:
+            continue  # a list whose items failed is "too short" too: say it once
+        msg = _MESSAGES.get(err["type"], err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{_where(err['loc'])}: {msg}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def parse_config(doc: dict[str, Any], source: str = "config") -> AgentConfig:
+    """Validate a parsed TOML document."""
+    try:
+        return AgentConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate the TOML file at ``path``."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path}: not UTF-8") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from exc
+    return parse_config(doc, f"config {path}")
+
+
+@dataclass(frozen=True)
+class SealingKeys:
+    """What the daemon seals with: every auditor public key, and the host signing key."""
+
+    recipients: tuple[AuditorPublicKey, ...]
+    host_key: Ed25519PrivateKey
+
+    def __repr__(self) -> str:  # never print key material
+        kids = ", ".join(r.kid for r in self.recipients)
+        return f"SealingKeys(recipients=[{kids}])"
+
+
+def _read_key_file(path: Path, what: str, private: bool) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path}: not a regular file")
+        if private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
+                "chmod 600 it"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{what} {path}: writable by group or others")
+        data = os.read(fd, MAX_KEY_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE:
+        raise ConfigError(f"{what} {path}: too large to be a key file")
+    try:
+        return decode_key_text(data, what)
+    except KeyFileError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_sealing_keys(config: AgentConfig) -> SealingKeys:
+    """Read ``recipients`` and ``host_key_file`` (FORMAT.md "Keys" encoding)."""
+    recipients = tuple(
+        AuditorPublicKey(_read_key_file(p, "recipients: auditor public key", private=False))
+        for p in config.recipients
+    )
+    if len({r.kid for r in recipients}) != len(recipients):
+        raise ConfigError("recipients: the same auditor public key is listed twice")
+    raw = _read_key_file(config.host_key_file, "host_key_file: host key", private=True)
+    return SealingKeys(recipients, Ed25519PrivateKey.from_private_bytes(raw))
