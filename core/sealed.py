@@ -111,6 +111,11 @@ class SealedHeader:
         return hashlib.sha256(self.raw).digest()
 
 
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _b64(value: object, length: int, what: str) -> bytes:
     if not isinstance(value, str):
         raise SealedFormatError(f"header: {what} is not a string")
@@ -152,8 +157,10 @@ def parse_header(raw: bytes) -> SealedHeader:
         raise SealedFormatError("header: not a JSON object")
     checks = (("format", FORMAT_NAME), ("version", VERSION), ("suite", SUITE_NAME))
     for name, want in checks:
-        if doc.get(name) != want or isinstance(doc.get(name), bool):
-            raise SealedFormatError(f"header: {name} is {doc.get(name)!r}, expected {want!r}")
+        value = doc.get(name)
+        if value != want or type(value) is not type(want):
+            # The value is attacker-controlled and may be huge: quote only its start.
+            raise SealedFormatError(f"header: {name} is {_short(value)}, expected {want!r}")
     recipients = doc.get("recipients")
     if not isinstance(recipients, list) or not recipients:
         raise SealedFormatError("header: recipients must be a non-empty list")
@@ -484,6 +491,13 @@ class SealedReader:
         """Close the reader: how complete the file was and what its signature said."""
         if self._failed is not None:
             raise SealedFormatError("the reader already failed") from self._failed
+        try:
+            return self._finish()
+        except Exception as exc:
+            self._failed = exc
+            raise
+
+    def _finish(self) -> ReadResult:
         if self.header is None:
             raise SealedFormatError(f"file ends inside the {self._state.value}")
         signature = self._signature

@@ -190,8 +190,10 @@ class _Scanner:
         controls, rest = _split_controls(body)
         self._controls(controls, out)
         if "@" <= final <= "~":
-            if not too_long and (m := _CSI_PARTS.fullmatch(rest)):  # else malformed (a parameter after an
-                self._csi(m[1], m[2], final, out)  # intermediate): dropped, like xterm does
+            # Not matching _CSI_PARTS (a parameter byte after an intermediate) is malformed:
+            # dropped whole, as xterm does.
+            if not too_long and (m := _CSI_PARTS.fullmatch(rest)):
+                self._csi(m[1], m[2], final, out)
             return end + 1
         return end + 1 if final in _CANCEL else end
 
@@ -352,8 +354,8 @@ class Sanitizer(_Scanner):
             changes.margins = bool(args.strip(";"))
         elif key == ("", " ", "q"):
             changes.cursor_style = args not in ("", "0")
-        elif key == ("", "!", "p"):  # DECSTR soft reset: modes back to their defaults
-            self._changes = _Changes()
+        # DECSTR (CSI ! p) resets some of these but not the screen in use: tracking goes on,
+        # and restoring what DECSTR already reset is harmless.
 
     def _esc(self, inter: str, final: str, out: list[str]) -> None:
         changes = self._changes
@@ -390,7 +392,8 @@ class Stripper(_Scanner):
 
     It keeps one line the way a terminal would show it: CR goes back to its start (so CR LF
     becomes LF, and a progress line shows its last state), BS and CUB move left, CUF right,
-    text overwrites, EL erases, DCH/ICH delete and insert. :meth:`feed` returns whole lines;
+    text overwrites, EL erases, DCH/ICH delete and insert; trailing blanks of a line are
+    dropped (a screen does not show them). :meth:`feed` returns whole lines;
     :meth:`flush` returns the last, unfinished one. A line longer than MAX_LINE characters is
     written out as it is and a new one started, so memory stays bounded."""
 
@@ -408,7 +411,7 @@ class Stripper(_Scanner):
         lines = run.translate(_TRANSCRIPT).split("\n")
         for line in lines[:-1]:
             self._put(line)
-            out.append("".join(self._cells) + "\n")
+            out.append("".join(self._cells).rstrip(" ") + "\n")  # blanks nobody sees
             self._cells, self._col = [], 0
         self._put(lines[-1])
         if len(self._cells) > MAX_LINE:

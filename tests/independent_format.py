@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 Signature = Literal["valid", "invalid", "absent"]
 
 
-class FormatViolation(Exception):
+class FormatViolationError(Exception):
     """The input does not follow FORMAT.md (or fails authentication)."""
 
 
@@ -106,7 +106,7 @@ def _dh(private_raw: bytes, public_raw: bytes) -> bytes:
             X25519PublicKey.from_public_bytes(public_raw)
         )
     except ValueError as exc:
-        raise FormatViolation("X25519: invalid public key") from exc
+        raise FormatViolationError("X25519: invalid public key") from exc
 
 
 def _extract_and_expand(dh: bytes, kem_context: bytes) -> bytes:
@@ -124,7 +124,7 @@ def encap(pk_r: bytes, ikm_e: bytes | None = None) -> tuple[bytes, bytes]:
 def decap(enc: bytes, sk_r: bytes) -> bytes:
     """RFC 9180 section 4.1 Decap: the shared secret."""
     if len(enc) != N_PK:
-        raise FormatViolation("HPKE: enc is not 32 bytes")
+        raise FormatViolationError("HPKE: enc is not 32 bytes")
     return _extract_and_expand(_dh(sk_r, enc), enc + x25519_public_raw(sk_r))
 
 
@@ -149,7 +149,7 @@ class Context:
         try:
             return ChaCha20Poly1305(self.key).decrypt(self.nonce(seq), ct, aad)
         except InvalidTag as exc:
-            raise FormatViolation("HPKE: open failed") from exc
+            raise FormatViolationError("HPKE: open failed") from exc
 
 
 def key_schedule(shared_secret: bytes, info: bytes) -> Context:
@@ -299,15 +299,15 @@ def _header_dek(raw: bytes, private_raw: bytes) -> tuple[dict[str, Any], bytes]:
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise FormatViolation("header is not UTF-8 JSON") from exc
+        raise FormatViolationError("header is not UTF-8 JSON") from exc
     if not isinstance(doc, dict):
-        raise FormatViolation("header is not a JSON object")
+        raise FormatViolationError("header is not a JSON object")
     want = {"format": "sshaudit-sealed", "version": 1, "suite": SUITE}
     for name, value in want.items():
         if doc.get(name) != value or isinstance(doc.get(name), bool):
-            raise FormatViolation(f"header field {name} is wrong")
+            raise FormatViolationError(f"header field {name} is wrong")
     if not isinstance(doc.get("session_id"), str) or not isinstance(doc.get("recipients"), list):
-        raise FormatViolation("header lacks session_id or recipients")
+        raise FormatViolationError("header lacks session_id or recipients")
     mine = kid(x25519_public_raw(private_raw))
     for entry in doc["recipients"]:
         if isinstance(entry, dict) and entry.get("kid") == mine:
@@ -315,10 +315,10 @@ def _header_dek(raw: bytes, private_raw: bytes) -> tuple[dict[str, Any], bytes]:
                 enc = base64.b64decode(entry["enc"], validate=True)
                 ct = base64.b64decode(entry["ct"], validate=True)
             except (KeyError, TypeError, ValueError) as exc:
-                raise FormatViolation("recipient entry is malformed") from exc
+                raise FormatViolationError("recipient entry is malformed") from exc
             aad = doc["session_id"].encode("utf-8")
             return doc, hpke_open(enc, private_raw, HPKE_INFO, aad, ct)
-    raise FormatViolation("no recipient entry for this key")
+    raise FormatViolationError("no recipient entry for this key")
 
 
 def _signature(doc: dict[str, Any], signed: bytes, sig_json: bytes) -> Signature:
@@ -341,10 +341,10 @@ def _signature(doc: dict[str, Any], signed: bytes, sig_json: bytes) -> Signature
 def open_file(data: bytes, private_raw: bytes) -> tuple[bytes, bool, Signature]:
     """Read a whole sealed file: (plaintext, complete, signature)."""
     if data[: len(MAGIC)] != MAGIC:
-        raise FormatViolation("bad magic")
+        raise FormatViolationError("bad magic")
     header_len = _u32_at(data, len(MAGIC))
     if header_len is None or header_len > MAX_HEADER or len(data) < 14 + header_len:
-        raise FormatViolation("header length out of range or header cut short")
+        raise FormatViolationError("header length out of range or header cut short")
     raw = data[14 : 14 + header_len]
     doc, dek = _header_dek(raw, private_raw)
     aad = hashlib.sha256(raw).digest()
@@ -356,15 +356,15 @@ def open_file(data: bytes, private_raw: bytes) -> tuple[bytes, bool, Signature]:
         if n is None:  # end of file, or 1-3 bytes: a torn length or a torn trailer mark
             rest = data[pos:]
             if last_seen and rest and not u32(TRAILER_MARK).startswith(rest):
-                raise FormatViolation("data after the last frame")
+                raise FormatViolationError("data after the last frame")
             sig: Signature = "invalid" if rest and last_seen else "absent"
             return b"".join(plain), last_seen, sig
         if n == TRAILER_MARK:
             break
         if last_seen:
-            raise FormatViolation("a frame after the last frame")
+            raise FormatViolationError("a frame after the last frame")
         if not 16 <= n <= MAX_FRAME:
-            raise FormatViolation("frame length out of range")
+            raise FormatViolationError("frame length out of range")
         if pos + 4 + n > len(data):  # torn write: truncated at this frame
             return b"".join(plain), False, "absent"
         ct = data[pos + 4 : pos + 4 + n]
@@ -377,14 +377,14 @@ def open_file(data: bytes, private_raw: bytes) -> tuple[bytes, bool, Signature]:
             last_seen = last
             break
         else:
-            raise FormatViolation(f"frame {index} fails authentication")
+            raise FormatViolationError(f"frame {index} fails authentication")
         pos, index = pos + 4 + n, index + 1
     sig_len = _u32_at(data, pos + 4)
     end = pos + 8 + (sig_len or 0)
     if sig_len is None or end > len(data):  # a torn trailer proves nothing
         return b"".join(plain), last_seen, "invalid"
     if end < len(data):
-        raise FormatViolation("data after the trailer")
+        raise FormatViolationError("data after the trailer")
     signed = raw + data[14 + header_len : pos]
     status = _signature(doc, signed, data[pos + 8 : end]) if last_seen else "invalid"
     return b"".join(plain), last_seen, status

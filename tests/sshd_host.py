@@ -20,10 +20,9 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ PAM_DIR = Path("/etc/pam.d")
 SSHD = Path("/usr/sbin/sshd")
 NAME_PREFIX = "sshd-sshaudit-test-"
 _IDENT_RE = re.compile(r"(\d+)-[0-9a-f]+$")
+_KEY_COMMENT_RE = re.compile(r" sshaudit-test-(\d+)-[0-9a-f]+$")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}$")
 
 
@@ -141,7 +141,8 @@ def _keys_lock() -> Iterator[None]:
         yield
 
 
-def _edit_authorized_keys(user: UnixUser, line: str, add: bool) -> None:
+def _edit_authorized_keys(user: UnixUser, keep: Callable[[str], bool], add: str = "") -> None:
+    """Keep the lines ``keep`` accepts, then append ``add`` (when given)."""
     # Root writes into a directory the user owns: never follow a symlink the user planted
     # (O_NOFOLLOW on both components; /home itself is root's).
     ssh_dir = user.home / ".ssh"
@@ -159,22 +160,31 @@ def _edit_authorized_keys(user: UnixUser, line: str, add: bool) -> None:
             flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
             fd = os.open("authorized_keys", flags, 0o600, dir_fd=dfd)
             with os.fdopen(fd, "r+") as f:
-                lines = [x for x in f.read().splitlines() if x.strip() != line]
+                lines = [x for x in f.read().splitlines() if keep(x.strip())]
                 f.seek(0)
                 f.truncate()
-                f.write("".join(x + "\n" for x in [*lines, *([line] if add else [])]))
+                f.write("".join(x + "\n" for x in [*lines, *([add] if add else [])]))
                 os.fchown(fd, user.uid, user.gid)
                 os.fchmod(fd, 0o600)
         finally:
             os.close(dfd)
 
 
+def _ours_and_dead(line: str) -> bool:
+    """A key line a harness run added (its comment names the run) whose process is gone."""
+    m = _KEY_COMMENT_RE.search(line)
+    return m is not None and not _pid_alive(int(m.group(1)))
+
+
 def authorize_key(user: UnixUser, key: KeyPair) -> None:
-    _edit_authorized_keys(user, key.public_line(), add=True)
+    """Add ``key``; drop the keys that runs whose process is gone left behind."""
+    line = key.public_line()
+    _edit_authorized_keys(user, lambda x: x != line and not _ours_and_dead(x), add=line)
 
 
 def revoke_key(user: UnixUser, key: KeyPair) -> None:
-    _edit_authorized_keys(user, key.public_line(), add=False)
+    line = key.public_line()
+    _edit_authorized_keys(user, lambda x: x != line)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -208,12 +218,17 @@ def sweep_stale() -> list[Path]:
 
 
 def _kill_stale_sshd(private_dir: Path, link: Path) -> None:
+    # The listener's title (setproctitle writes over argv) still names its link and config.
     try:
-        pid = int((private_dir / "sshd.pid").read_text())
-        if psutil.Process(pid).cmdline()[:1] == [str(link)]:
-            os.kill(pid, signal.SIGKILL)
+        listener = psutil.Process(int((private_dir / "sshd.pid").read_text()))
+        if listener.exe() != str(SSHD) or str(link) not in " ".join(listener.cmdline()):
+            return
+        procs = [listener, *listener.children(recursive=True)]
     except (OSError, ValueError, psutil.Error):
-        pass
+        return
+    for proc in procs:
+        with suppress(psutil.Error):
+            proc.kill()
 
 
 @dataclass(frozen=True)
@@ -239,6 +254,7 @@ def harness_env(user_names: Sequence[str]) -> Iterator[HarnessEnv]:
     client_dir = Path(tempfile.mkdtemp(prefix="sshaudit-client-"))  # root-owned, 0700
     authorized: list[UnixUser] = []
     try:
+        # The comment names this run: authorize_key drops keys of runs that died.
         key = make_key(client_dir / "id_ed25519", f"sshaudit-test-{new_ident()}")
         users = tuple(ensure_user(n) for n in user_names)
         for u in users:

@@ -7,6 +7,7 @@ array ``[time, code, data]`` per line).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -62,7 +63,7 @@ def replaced(data: bytes) -> tuple[str, bytes]:
 
 def feed_cut(enc: Encoder, data: bytes, cuts: Sequence[int], t: float = 1.0) -> bytes:
     bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
-    out = b"".join(enc.output(t, data[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+    out = b"".join(enc.output(t, data[a:b]) for a, b in itertools.pairwise(bounds))
     return out + enc.flush(t)
 
 
@@ -338,26 +339,30 @@ OPS = st.lists(
 @given(OPS)
 def test_encoder_to_decoder_round_trip(ops: list[tuple[str, float, Any]]) -> None:
     enc = Encoder(Header(100, 30, extra={"sshaudit": {"n": len(ops)}}))
-    out, sent = enc.header_line(), {"o": b"", "i": b"", "r": [], "m": []}
+    out = enc.header_line()
+    streams: dict[str, bytes] = {"o": b"", "i": b""}
+    sizes: list[str] = []
+    labels: list[str] = []
     for code, t, arg in ops:
         if code in "oi":
             out += (enc.output if code == "o" else enc.input)(t, arg)
-            sent[code] += arg
+            streams[code] += arg
         elif code == "r":
             out += enc.resize(t, *arg)
-            sent["r"].append(f"{arg[0]}x{arg[1]}")
+            sizes.append(f"{arg[0]}x{arg[1]}")
         else:
             out += enc.marker(t, arg)
-            sent["m"].append(arg)
+            labels.append(arg)
     out += enc.flush(100.0)
     header, evs = decode_all(out)
     assert header.extra == {"sshaudit": {"n": len(ops)}}
     got = {c: [e.data for e in evs if e.code.value == c] for c in "oirm"}
-    assert "".join(got["o"]) == replaced(sent["o"])[0]
-    assert "".join(got["i"]) == replaced(sent["i"])[0]
-    assert got["r"] == sent["r"]
-    assert [m for m in got["m"] if not m.startswith("sshaudit: invalid UTF-8")] == [
-        m for m in sent["m"] if not m.startswith("sshaudit: invalid UTF-8")
+    assert "".join(got["o"]) == replaced(streams["o"])[0]
+    assert "".join(got["i"]) == replaced(streams["i"])[0]
+    assert got["r"] == sizes
+    ours = "sshaudit: invalid UTF-8"
+    assert [m for m in got["m"] if not m.startswith(ours)] == [
+        m for m in labels if not m.startswith(ours)
     ]
     times = [e.time for e in evs]
     assert times == sorted(times)

@@ -30,9 +30,7 @@ NAMES = ["session", "unsigned", "truncated", "torn", "tampered", "reordered", "h
 FILES = {name: (VECTORS / f"{name}.sealed").read_bytes() for name in NAMES}
 SESSION = FILES["session"]
 HEADER_END = 14 + struct.unpack(">I", SESSION[10:14])[0]
-FUZZ = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def pieces(data: bytes, chunks: Sequence[int]) -> list[bytes]:
@@ -190,7 +188,7 @@ def jsonish_line(draw: st.DrawFn) -> str:
 @FUZZ
 @given(st.lists(jsonish_line(), max_size=12), st.booleans(), CHUNKS)
 @example(["[" * 50_000], True, [])
-@example(['[1' + "0" * 400 + ', "o", "x"]'], True, [])
+@example(["[1" + "0" * 400 + ', "o", "x"]'], True, [])
 def test_decoder_jsonish_lines(lines: list[str], header: bool, chunks: list[int]) -> None:
     data = (HEAD if header else b"") + "\n".join(lines).encode("utf-8", "surrogatepass")
     items = decode(data, chunks)

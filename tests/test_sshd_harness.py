@@ -23,8 +23,10 @@ from sshd_host import (
     NAME_PREFIX,
     PAM_DIR,
     HarnessEnv,
+    KeyPair,
     SshdHarnessError,
     UnixUser,
+    authorize_key,
     sweep_stale,
     write_root_file,
 )
@@ -335,9 +337,19 @@ def test_stop_ends_sessions_and_removes_files(sshd_server: SshdFactory, alice: U
     assert "Received signal 15" in server.log()
 
 
-def test_sweep_removes_only_dead_runs(sshd_env: HarnessEnv) -> None:
+def test_sweep_removes_only_dead_runs(
+    sshd_env: HarnessEnv, alice: UnixUser, tmp_path: Path
+) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
+    # A key a dead run left in authorized_keys goes when the next run authorizes its own.
+    stale = KeyPair(tmp_path / "stale", tmp_path / "stale.pub")
+    stale.public.write_text(f"ssh-ed25519 AAAAstale sshaudit-test-{dead.pid}-0badc0de\n")
+    authorize_key(alice, stale)
+    authorize_key(alice, sshd_env.key)
+    keys = (alice.home / ".ssh" / "authorized_keys").read_text().splitlines()
+    assert stale.public_line() not in keys
+    assert sshd_env.key.public_line() in keys
     leftovers = {}
     for pid in (dead.pid, os.getpid()):
         ident = f"{pid}-{secrets.token_hex(4)}"

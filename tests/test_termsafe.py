@@ -204,6 +204,10 @@ def test_harmless_sequence_kept_however_split(sequence: str) -> None:
         # An ESC inside a string ends it (the VT500 parser does); what follows is parsed.
         ("\x1b]0;title\x1b[31mred", "\x1b[31mred"),
         ("\x1bPq#0\x1b[1mbold", "\x1b[1mbold"),
+        # BEL ends an OSC (xterm) but not a DCS, APC, PM or SOS: their data goes on.
+        ("\x1bP$q\x07m\x1b\\x", "x"),
+        ("\x1b_a\x07b\x1b\\x", "x"),
+        ("\x1b]52;c;\x07x", "x"),
         # CAN/SUB cancel a sequence; ESC restarts one.
         ("\x1b[31\x18x", "x"),
         ("\x1b[31\x1b[32mx", "\x1b[32mx"),
@@ -271,6 +275,8 @@ def test_restore_is_empty_when_the_recording_cleaned_up() -> None:
     assert sanitizer.restore() == ""
     sanitizer.feed("\x1b[?2004h\x1bc")  # RIS resets everything
     assert sanitizer.restore() == ""
+    sanitizer.feed("\x1b[?1049h\x1b[!p")  # DECSTR does not leave the alternate screen
+    assert sanitizer.restore() == "\x1b[?1049l"
 
 
 # -- properties --------------------------------------------------------------------------
@@ -285,9 +291,9 @@ FRAGMENTS = [
     "\ud800",
     "é",
 ]
-streams = st.lists(
-    st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=40
-).map("".join)
+streams = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=40).map(
+    "".join
+)
 
 # What a terminal may receive: printable text, the kept C0 controls, whole 7-bit sequences.
 SAFE = re.compile(
@@ -296,8 +302,10 @@ SAFE = re.compile(
     "|\x1b[ -/]*[0-~])"
 )
 QUERY_FINALS = set("cntxyiq")  # DA, DSR, window ops, DECREQTPARM, DECTST, MC, XTVERSION
-INPUT_MODES = {"2", "3", "9", "12", "1000", "1001", "1002", "1003", "1004", "1005", "1006"}
-INPUT_MODES |= {"1007", "1015", "1016"}
+# Modes that make the terminal send by itself, resize it, lock it or change its parser.
+ANSI_FORBIDDEN = {"2", "12"}  # KAM, SRM
+DEC_FORBIDDEN = {"2", "3", "9", "1000", "1001", "1002", "1003", "1004", "1005", "1006"}
+DEC_FORBIDDEN |= {"1007", "1015", "1016"}
 
 
 def assert_safe(output: str) -> None:
@@ -315,7 +323,8 @@ def assert_safe(output: str) -> None:
         assert (inter, final) != ("$", "p"), m.group()  # DECRQM
         assert m["prefix"] in ("", "?"), m.group()  # > = < : DA2/3, XTMODKEYS, kitty keys...
         if final in "hl":
-            assert not set(m["args"].split(";")) & INPUT_MODES, m.group()
+            modes = DEC_FORBIDDEN if m["prefix"] == "?" else ANSI_FORBIDDEN
+            assert not set(m["args"].split(";")) & modes, m.group()
     for forbidden in ("\x1b]", "\x1bP", "\x1b_", "\x1b^", "\x1bX", "\x05"):
         assert forbidden not in output
 
@@ -339,7 +348,7 @@ def test_output_is_always_safe_and_independent_of_splits(text: str, cuts: list[i
         ("\x1b[01;34mdir\x1b[0m  file\r\n", "dir  file\n"),
         ("\x1b]0;alice@web-1: ~\x07alice@web-1:~$ ls\r\n", "alice@web-1:~$ ls\n"),
         ("progress  10%\rprogress 100%\r\ndone\r\n", "progress 100%\ndone\n"),
-        ("helo\x08\x08lo\r\n", "hello\n"),
+        ("hx\x08ello\r\n", "hello\n"),  # BS then overwrite
         ("abc\x08 \x08\x08 \x08\r\n", "a\n"),  # erase the way shells do: BS SP BS
         ("$ cat x\r$ \x1b[Kls\r\n", "$ ls\n"),  # readline redraws: CR then EL
         ("abcdef\x1b[3D\x1b[1P\r\n", "abcef\n"),  # CUB then DCH
