@@ -17,7 +17,7 @@ Invariants:
   sshd process, first);
 - a PAM peer must be root;
 - every psutil failure (the process went away, access denied) is a refusal, raised as
-  :class:`PeerRejected` from the psutil exception, never a crash.
+  :class:`PeerError` from the psutil exception, never a crash.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _PRIV_RE = re.compile(r"(?P<prog>[\w.-]*sshd[\w.-]*): (?P<user>[^\s@]+) \[priv\]
 _SESSION_RE = re.compile(r"(?P<prog>[\w.-]*sshd[\w.-]*): (?P<user>[^\s@]+)@(?P<ttys>\S+)\s*")
 
 
-class PeerRejected(SSHAuditError):
+class PeerError(SSHAuditError):
     """The peer is not who it must be; the message says why (for the daemon's log)."""
 
 
@@ -86,12 +86,12 @@ def psutil_lookup(pid: int) -> ProcInfo:
             except psutil.AccessDenied:
                 exe = ""
     except psutil.Error as exc:
-        raise PeerRejected(f"process {pid} cannot be inspected: {exc}") from exc
+        raise PeerError(f"process {pid} cannot be inspected: {exc}") from exc
     try:
         # psutil splits a rewritten title on spaces; the first NUL-terminated string is it.
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError as exc:
-        raise PeerRejected(f"process {pid} went away") from exc
+        raise PeerError(f"process {pid} went away") from exc
     title = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
     return ProcInfo(pid, ppid, (uids.real, uids.effective, uids.saved), title, exe)
 
@@ -121,7 +121,7 @@ def _user_uid(name: str) -> int:
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError as exc:
-        raise PeerRejected(f"sshd names user {name!r}, who does not exist") from exc
+        raise PeerError(f"sshd names user {name!r}, who does not exist") from exc
 
 
 class AncestryCheck:
@@ -140,27 +140,27 @@ class AncestryCheck:
     def __call__(self, cred: PeerCred) -> Lineage:
         peer = self._lookup(cred.pid)
         if peer.uids[0] != cred.uid or peer.uids[1] != cred.uid:
-            raise PeerRejected(f"pid {cred.pid}: uid changed since it connected")
+            raise PeerError(f"pid {cred.pid}: uid changed since it connected")
         parent = self._lookup(peer.ppid)
         session_proc = parent
         if not _SESSION_RE.fullmatch(parent.title):
             # the login shell may not have exec'ed the ForceCommand: one shell in between
             if parent.exe not in self._shells(cred.uid) or parent.uids[0] != cred.uid:
-                raise PeerRejected(
+                raise PeerError(
                     f"pid {cred.pid}: its parent {parent.pid} ({parent.title[:60]!r}) is "
                     "neither an sshd session process nor a login shell"
                 )
             session_proc = self._lookup(parent.ppid)
         match = _SESSION_RE.fullmatch(session_proc.title)
         if match is None:
-            raise PeerRejected(f"pid {cred.pid}: not started by an sshd session process")
+            raise PeerError(f"pid {cred.pid}: not started by an sshd session process")
         user = match["user"]
         if session_proc.uids[0] != cred.uid or self._uid_of(user) != cred.uid:
-            raise PeerRejected(f"pid {cred.pid}: uid {cred.uid} is not sshd's user {user!r}")
+            raise PeerError(f"pid {cred.pid}: uid {cred.uid} is not sshd's user {user!r}")
         priv = self._lookup(session_proc.ppid)
         priv_match = _PRIV_RE.fullmatch(priv.title)
         if priv_match is None or priv.uids[0] != 0 or priv_match["user"] != user:
-            raise PeerRejected(
+            raise PeerError(
                 f"pid {cred.pid}: sshd session process {session_proc.pid} is not a child "
                 f"of a root 'sshd: {user} [priv]' process"
             )
@@ -177,4 +177,4 @@ def _pw_shell(uid: int) -> tuple[str, ...]:
 def check_pam_peer(cred: PeerCred) -> None:
     """The PAM hook runs as root inside sshd; nobody else may speak for PAM."""
     if cred.uid != 0:
-        raise PeerRejected(f"pid {cred.pid}: a PAM message from uid {cred.uid}, not root")
+        raise PeerError(f"pid {cred.pid}: a PAM message from uid {cred.uid}, not root")

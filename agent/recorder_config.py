@@ -59,7 +59,7 @@ def parse(text: str, source: str = "config") -> RecorderConfig:
         on_down = DownPolicy(down)
     except ValueError:
         raise ConfigError(
-            f"{source}: policy.on_daemon_down must be \"deny\" or \"allow\", not {down!r}"
+            f'{source}: policy.on_daemon_down must be "deny" or "allow", not {down!r}'
         ) from None
     users = policy.get("break_glass_users", [])
     if not isinstance(users, list) or not all(isinstance(u, str) and u for u in users):

@@ -26,8 +26,14 @@ Clock = Callable[[], float]
 
 # Signals a relay passes on to its child. sshd itself refuses "signal" channel requests
 # for forced commands, so these come from the system (shutdown, an admin's kill).
-FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 LOST_MESSAGE = "sshaudit: the recording service is unavailable; ending the session"
 
 
@@ -76,8 +82,13 @@ class Sink:
     relay: the daemon never speaks mid-session, so readability means it hung up.
     """
 
-    def __init__(self, send: Callable[[bytes], object] | None, *,
-                 watch: socket.socket | None = None, end_on_loss: bool = False) -> None:
+    def __init__(
+        self,
+        send: Callable[[bytes], object] | None,
+        *,
+        watch: socket.socket | None = None,
+        end_on_loss: bool = False,
+    ) -> None:
         self._send = send
         self._watch = watch
         self.end_on_loss = end_on_loss
@@ -152,8 +163,12 @@ class SignalPipe:
             self._old[sig] = signal.signal(sig, _ignore)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         signal.set_wakeup_fd(self._old_wakeup)

@@ -74,8 +74,16 @@ class StdFds:
 class _Pump:
     """One direction: ``src`` -> ``dst``, counted, hashed and captured up to the cap."""
 
-    def __init__(self, src: int, dst: int, stream: Stream, policy: ExecPolicy, record: bool,
-                 sink: Sink, clock: Clock) -> None:
+    def __init__(
+        self,
+        src: int,
+        dst: int,
+        stream: Stream,
+        policy: ExecPolicy,
+        record: bool,
+        sink: Sink,
+        clock: Clock,
+    ) -> None:
         self.src, self.dst, self.stream = src, dst, stream
         self.cap = policy.capture_cap if record else 0
         self.hasher = hashlib.sha256() if policy.hash else None
@@ -179,20 +187,34 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
-def spawn(path: str, argv: Sequence[str], env: Mapping[str, str],
-          fds: tuple[int, int, int]) -> int:
+def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int, int]) -> int:
     """Start ``path`` in a new session (sshd's child does setsid) with ``fds`` as 0, 1, 2.
 
     SIGPIPE and SIGXFSZ are ignored in Python; the child gets their default dispositions,
     as it would from sshd.
     """
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
-    return os.posix_spawn(path, list(argv), dict(env), file_actions=actions, setsid=True,
-                          setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
+    return os.posix_spawn(
+        path,
+        list(argv),
+        dict(env),
+        file_actions=actions,
+        setsid=True,
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        setsigmask=(),
+    )
 
 
-def run_exec(path: str, argv: Sequence[str], env: Mapping[str, str], *, sink: Sink,
-             clock: Clock, policy: ExecPolicy, fds: StdFds = StdFds()) -> RelayResult:
+def run_exec(
+    path: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    sink: Sink,
+    clock: Clock,
+    policy: ExecPolicy,
+    fds: StdFds = StdFds(),
+) -> RelayResult:
     """Run ``path`` with ``argv`` on pipes relayed to ``fds``; return how it ended.
 
     The caller owns ``fds.stdin``; ``fds.stdout`` and ``fds.stderr`` are closed (fds 0-2:
@@ -228,8 +250,14 @@ def run_exec(path: str, argv: Sequence[str], env: Mapping[str, str], *, sink: Si
     return RelayResult(status, {"stdin": stdin, "stdout": stdout, "stderr": stderr}, error)
 
 
-def _loop(pid: int, pumps: tuple[_Pump, _Pump, _Pump], sigs: SignalPipe, sink: Sink,
-          clock: Clock, user_err: int) -> ChildStatus:
+def _loop(
+    pid: int,
+    pumps: tuple[_Pump, _Pump, _Pump],
+    sigs: SignalPipe,
+    sink: Sink,
+    clock: Clock,
+    user_err: int,
+) -> ChildStatus:
     inp, out, err = pumps
     poller = Poller()
     status: ChildStatus | None = None

@@ -77,8 +77,14 @@ def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, _WINSZ.pack(rows, cols, 0, 0))
 
 
-def _spawn(path: str, argv: Sequence[str], env: Mapping[str, str], slave: int,
-           master: int, blocked: Sequence[int]) -> int:
+def _spawn(
+    path: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    slave: int,
+    master: int,
+    blocked: Sequence[int],
+) -> int:
     """fork + exec with ``slave`` as the controlling terminal of a new session."""
     pid = os.fork()
     if pid:
@@ -127,8 +133,16 @@ class _State:
         self.pending += data
 
 
-def run_pty(path: str, argv: Sequence[str], env: Mapping[str, str], *, sink: Sink,
-            clock: Clock, record_input: bool, fds: PtyFds = PtyFds()) -> RelayResult:
+def run_pty(
+    path: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    sink: Sink,
+    clock: Clock,
+    record_input: bool,
+    fds: PtyFds = PtyFds(),
+) -> RelayResult:
     """Run ``path`` with ``argv`` on a new pty relayed to the terminal on ``fds``."""
     master, slave = os.openpty()
     saved: list[Any] | None = None
@@ -161,13 +175,16 @@ def run_pty(path: str, argv: Sequence[str], env: Mapping[str, str], *, sink: Sin
         os.close(master)
         if slave >= 0:
             os.close(slave)
-    streams = {"stdin": StreamStats(state.bytes_in, state.captured_in, None),
-               "stdout": StreamStats(state.bytes_out, state.bytes_out, None)}
+    streams = {
+        "stdin": StreamStats(state.bytes_in, state.captured_in, None),
+        "stdout": StreamStats(state.bytes_out, state.bytes_out, None),
+    }
     return RelayResult(status, streams, "recording service lost" if sink.lost else None)
 
 
-def _loop(pid: int, master: int, fds: PtyFds, sigs: SignalPipe, st: _State,
-          size: tuple[int, int] | None) -> ChildStatus:
+def _loop(
+    pid: int, master: int, fds: PtyFds, sigs: SignalPipe, st: _State, size: tuple[int, int] | None
+) -> ChildStatus:
     poller = Poller()
     status: ChildStatus | None = None
     kill_at: float | None = None
@@ -207,8 +224,9 @@ def _loop(pid: int, master: int, fds: PtyFds, sigs: SignalPipe, st: _State,
     return status
 
 
-def _on_signals(pid: int, master: int, fds: PtyFds, caught: list[int], st: _State,
-                size: tuple[int, int] | None) -> tuple[ChildStatus | None, tuple[int, int] | None]:
+def _on_signals(
+    pid: int, master: int, fds: PtyFds, caught: list[int], st: _State, size: tuple[int, int] | None
+) -> tuple[ChildStatus | None, tuple[int, int] | None]:
     for sig in caught:
         if sig == signal.SIGWINCH:
             new = get_winsize(fds.stdin)

@@ -29,14 +29,14 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sshaudit.agent import protocol
 from sshaudit.agent.protocol import Data, Marker, Message, MsgType, ProtocolError, Resize, Stream
-from sshaudit.agent.protocol import parse_data, parse_marker, parse_resize
 from sshaudit.agent.sshcert import AuthInfo
 from sshaudit.asciicast import Encoder, Header
 from sshaudit.keys import AuditorPublicKey
 from sshaudit.sealed import SealedWriter, rfc3339
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 MAX_TEXT = 4096
 MAX_COMMAND = 256 * 1024
@@ -175,7 +175,9 @@ class EndInfo:
 def _stream_info(name: str, doc: Mapping[str, Any]) -> dict[str, Any]:
     digest = doc.get("sha256")
     if digest is not None and not (
-        isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+        isinstance(digest, str)
+        and len(digest) == 64
+        and all(c in "0123456789abcdef" for c in digest)
     ):
         raise ProtocolError(f"END: streams.{name}.sha256 must be 64 lowercase hex digits")
     return {"bytes": _count(doc, "bytes"), "captured": _count(doc, "captured"), "sha256": digest}
@@ -344,11 +346,11 @@ class RecordingSession:
     def feed(self, msg: Message, now: float) -> bytes:
         """Dispatch a DATA, RESIZE or MARKER message."""
         if msg.type is MsgType.DATA:
-            return self.data(parse_data(msg.payload), now)
+            return self.data(protocol.parse_data(msg.payload), now)
         if msg.type is MsgType.RESIZE:
-            return self.resize(parse_resize(msg.payload), now)
+            return self.resize(protocol.parse_resize(msg.payload), now)
         if msg.type is MsgType.MARKER:
-            return self.marker(parse_marker(msg.payload), now)
+            return self.marker(protocol.parse_marker(msg.payload), now)
         raise ProtocolError(f"{msg.type.name} is not a session event")
 
     def end(self, info: EndInfo, now: float) -> bytes:
@@ -381,8 +383,8 @@ def _end_labels(info: EndInfo) -> list[str]:
     labels = []
     for name in ("stdin", "stdout", "stderr"):
         s = info.streams.get(name)
-        if s and s.get("bytes") is not None and s.get("captured") is not None:
-            if s["captured"] < s["bytes"]:
+        if s and None not in (s.get("bytes"), s.get("captured")) and s["captured"] < s["bytes"]:
+            if True:
                 digest = f", sha256 {s['sha256']}" if s.get("sha256") else ""
                 labels.append(
                     f"sshaudit: {name}: {s['bytes']} bytes, first {s['captured']} recorded{digest}"
