@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path, PurePosixPath
 
 from sshaudit.errors import SSHAuditError, UsageError
 
@@ -39,7 +40,7 @@ _SHEBANG_MAX = 255  # BINPRM_BUF_SIZE - 1 on Linux 5.1+: a longer #! line is cut
 
 def render(python: str, package_parent: str) -> str:
     for what, value in (("python", python), ("package_parent", package_parent)):
-        if not os.path.isabs(value):
+        if not PurePosixPath(value).is_absolute():
             raise UsageError(f"launcher: {what} must be an absolute path: {value!r}")
         if any(c in value for c in "\n\r\0"):
             raise UsageError(f"launcher: {what} contains a newline or NUL")
@@ -51,7 +52,7 @@ def render(python: str, package_parent: str) -> str:
 def write_launcher(path: str, python: str, package_parent: str) -> None:
     """Write the launcher at ``path`` (0755; root-owned when run as root), atomically."""
     text = render(python, package_parent).encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = str(Path(path).absolute().parent)
     try:
         _write_atomically(path, directory, text)
     except OSError as exc:
@@ -66,7 +67,7 @@ def _write_atomically(path: str, directory: str, text: bytes) -> None:
         os.fchmod(fd, 0o755)
         view = memoryview(text)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -74,7 +75,7 @@ def _write_atomically(path: str, directory: str, text: bytes) -> None:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        os.unlink(tmp)
+        Path(tmp).unlink()
         raise
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -150,7 +150,7 @@ class Reconciler:
         tracked.closed = True
         out: list[Finding] = []
         if not tracked.recorded and tracked.unrecorded_id is None:
-            out.append(self._unrecorded(tracked, "the SSH session closed without a recorder"))
+            out.append(self._unrecorded(tracked, self._why_unrecorded(tracked, closing=True)))
         if tracked.unrecorded_id is not None:
             out.append(
                 Finding(FindingKind.FINISHED, tracked.unrecorded_id, tracked.opened, at, "closed")
@@ -164,6 +164,13 @@ class Reconciler:
         return Finding(
             FindingKind.UNRECORDED, tracked.unrecorded_id, tracked.opened, self._wall(), detail
         )
+
+    def _why_unrecorded(self, tracked: _Tracked, closing: bool = False) -> str:
+        if tracked.opened.queued:
+            return "the SSH session opened while the agent daemon was down"
+        if closing:
+            return "the SSH session closed without a recorder ever connecting"
+        return f"no recorder connected within {self._grace:g} s of the session opening"
 
     def recorder_started(self, priv_pid: int | None, session_id: str) -> list[Finding]:
         if priv_pid is None:
@@ -224,12 +231,8 @@ class Reconciler:
         for pid, tracked in list(self._sessions.items()):
             if tracked.recorded or tracked.unrecorded_id is not None:
                 pass
-            elif tracked.opened.queued:
-                detail = "the SSH session opened while the agent daemon was down"
-                out.append(self._unrecorded(tracked, detail))
-            elif now - tracked.opened_mono >= self._grace:
-                detail = f"no recorder connected within {self._grace:g} s of the session opening"
-                out.append(self._unrecorded(tracked, detail))
+            elif tracked.opened.queued or now - tracked.opened_mono >= self._grace:
+                out.append(self._unrecorded(tracked, self._why_unrecorded(tracked)))
             if alive is not None and not tracked.closed and not alive(pid):
                 out.extend(self._close(pid, self._wall()))
         if alive is not None:

@@ -166,7 +166,11 @@ def map_subsystem(command: str, exists: Any = os.path.exists) -> str | None:
         if server is None:
             raise UsageError("internal-sftp: no sftp-server program on this host")
         return " ".join([server, *words[1:]])
-    return command if os.path.basename(words[0]) == "sftp-server" else None
+    return command if _basename(words[0]) == "sftp-server" else None
+
+
+def _basename(path: str) -> str:
+    return path.rpartition("/")[2]  # no pathlib on the login path: it costs start time
 
 
 def user_and_shell(environ: Mapping[str, str]) -> tuple[str, str]:
@@ -183,7 +187,7 @@ def plan_session(
 ) -> Plan:
     command = environ.get("SSH_ORIGINAL_COMMAND")
     if command is None:  # a login shell: argv[0] is "-" + basename (sshd(8), login(1))
-        argv0 = "-" + os.path.basename(shell)
+        argv0 = "-" + _basename(shell)
         return Plan(ProgramType.SHELL, None, shell, (argv0,), pty, user, shell)
     mapped = map_subsystem(command, exists)
     kind = ProgramType.EXEC if mapped is None else ProgramType.SUBSYSTEM
@@ -329,7 +333,7 @@ def run_relay(
 def exec_unrecorded(plan: Plan, environ: Mapping[str, str]) -> int:
     """Become the session's program, exactly as sshd would have run it."""
     try:
-        os.execve(plan.path, list(plan.argv), dict(environ))
+        os.execve(plan.path, list(plan.argv), dict(environ))  # noqa: S606 (the user's shell)
     except OSError as exc:
         say(2, f"{plan.path}: {exc.strerror}\n")
     return 1

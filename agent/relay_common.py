@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -216,10 +217,8 @@ def is_hangup(exc: OSError) -> bool:
 
 def say(fd: int, text: str) -> None:
     """Best-effort message to the user (their stderr, or the terminal)."""
-    try:
+    with contextlib.suppress(OSError):
         write_all(fd, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
 
 
 class Poller:
@@ -247,12 +246,10 @@ def close_user_fd(fd: int) -> None:
     Fds 0-2 are pointed at /dev/null instead of closed, so a later open() cannot take
     their numbers and receive stray writes.
     """
-    try:
+    with contextlib.suppress(OSError):
         if fd > 2:
             os.close(fd)
             return
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, fd, inheritable=False)
         os.close(null)
-    except OSError:
-        pass

@@ -18,6 +18,7 @@ This is what sshd itself does for ``ssh host cmd``, scp, rsync, git and subsyste
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -180,10 +181,9 @@ class _Pump:
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe()
-    try:
+    # Over the user's pipe quota this fails, and the default 64 KiB still works.
+    with contextlib.suppress(OSError):
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over the user's pipe quota: the default 64 KiB still works
     return r, w
 
 
@@ -313,10 +313,8 @@ def _on_signals(pid: int, caught: list[int], status: ChildStatus | None) -> Chil
 
 
 def _signal_pid(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -20,6 +20,7 @@ one (the "inner" pty) and we copy bytes between them, recording both directions:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -100,7 +101,7 @@ def _spawn(
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.execve(path, list(argv), dict(env))
+        os.execve(path, list(argv), dict(env))  # noqa: S606 (the user's own shell)
     except OSError as exc:
         os.write(2, f"{path}: {exc.strerror}\r\n".encode(errors="replace"))
     finally:
@@ -168,10 +169,8 @@ def run_pty(
             status = _loop(pid, master, fds, sigs, state, size)
     finally:
         if saved is not None:  # restore the outer terminal however we leave
-            try:
+            with contextlib.suppress(termios.error):
                 termios.tcsetattr(fds.stdin, termios.TCSADRAIN, saved)
-            except termios.error:
-                pass
         os.close(master)
         if slave >= 0:
             os.close(slave)
@@ -299,12 +298,8 @@ def _hangup(pid: int, sig: int, master: int = -1) -> None:
     kernel does on a terminal hangup, the inner terminal's foreground job."""
     groups = [pid]
     if master >= 0:
-        try:
+        with contextlib.suppress(OSError):
             groups.append(os.tcgetpgrp(master))
-        except OSError:
-            pass
     for group in dict.fromkeys(groups):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, sig)
-        except (ProcessLookupError, PermissionError):
-            pass

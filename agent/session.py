@@ -288,9 +288,9 @@ class RecordingSession:
         """When the pending plaintext must be cut (daemon clock), or None if none is."""
         return None if self._oldest is None else self._oldest + self._interval
 
-    def _out(self, data: bytes) -> bytes:
+    def _out(self, data: bytes | bytearray) -> bytes:
         self.sealed_bytes += len(data)
-        return data
+        return bytes(data)
 
     def start(self, now: float) -> bytes:
         """The file's magic and header, and a first frame holding the asciicast header."""
@@ -384,11 +384,10 @@ def _end_labels(info: EndInfo) -> list[str]:
     for name in ("stdin", "stdout", "stderr"):
         s = info.streams.get(name)
         if s and None not in (s.get("bytes"), s.get("captured")) and s["captured"] < s["bytes"]:
-            if True:
-                digest = f", sha256 {s['sha256']}" if s.get("sha256") else ""
-                labels.append(
-                    f"sshaudit: {name}: {s['bytes']} bytes, first {s['captured']} recorded{digest}"
-                )
+            digest = f", sha256 {s['sha256']}" if s.get("sha256") else ""
+            labels.append(
+                f"sshaudit: {name}: {s['bytes']} bytes, first {s['captured']} recorded{digest}"
+            )
     if info.signal is not None:
         labels.append(f"sshaudit: killed by signal {info.signal}")
     elif info.exit_status is not None:

@@ -232,7 +232,7 @@ class Spool:
         for entry in os.scandir(self.directory):
             if entry.name.startswith(".") and entry.name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+                    Path(entry.path).unlink()
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -359,7 +359,7 @@ class Spool:
         taking = self.path(PAM_QUEUE_NAME + ".taking")
         events: list[dict[str, Any]] = []
         with contextlib.suppress(FileNotFoundError):
-            os.rename(queue, taking)
+            queue.rename(taking)
         try:
             fd = os.open(taking, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -311,8 +311,10 @@ def cmd_play(args: argparse.Namespace) -> int:
 
     if args.speed <= 0 or (args.idle_limit is not None and args.idle_limit <= 0):
         raise UsageError("--speed and --idle-limit must be positive")
-    _header, events = load_events(args.input, args.key, _policy(args), warn=_warn)
-    play_terminal(events, speed=args.speed, idle_limit=args.idle_limit)
+    header, events = load_events(args.input, args.key, _policy(args), warn=_warn)
+    # As asciinema play does: the recording's own idle_time_limit applies unless overridden.
+    idle = args.idle_limit if args.idle_limit is not None else header.idle_time_limit
+    play_terminal(events, speed=args.speed, idle_limit=idle)
     return EXIT_OK
 
 

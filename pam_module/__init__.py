@@ -9,11 +9,14 @@ whose recorder vanished (``recorder_lost``): never silently missing.
 Add to ``/etc/pam.d/sshd`` (``sshaudit-agent enroll`` does it), after the existing
 ``session`` lines::
 
-    session optional pam_exec.so quiet /usr/bin/python3 -I -S /PATH/TO/sshaudit/pam_module/hook.py --socket /run/sshaudit/agent.sock --spool-dir /var/spool/sshaudit
+    session optional pam_exec.so quiet /usr/bin/python3 -I -S HOOK \
+        --socket /run/sshaudit/agent.sock --spool-dir /var/spool/sshaudit
+
+(one line in the file; HOOK is the absolute path of ``sshaudit/pam_module/hook.py``)
 
 and, to log the account phase of each login too (one line in the daemon's log)::
 
-    account optional pam_exec.so quiet /usr/bin/python3 -I -S /PATH/TO/sshaudit/pam_module/hook.py --socket /run/sshaudit/agent.sock
+    account optional pam_exec.so quiet /usr/bin/python3 -I -S HOOK --socket /run/sshaudit/agent.sock
 
 - ``optional``: the hook can never deny a login; it also always exits 0 within one second.
 - ``quiet``: pam_exec prints nothing to the user.
