@@ -229,9 +229,8 @@ class Reconciler:
         out: list[Finding] = []
         now = self._clock()
         for pid, tracked in list(self._sessions.items()):
-            if tracked.recorded or tracked.unrecorded_id is not None:
-                pass
-            elif tracked.opened.queued or now - tracked.opened_mono >= self._grace:
+            waiting = not tracked.recorded and tracked.unrecorded_id is None
+            if waiting and (tracked.opened.queued or now - tracked.opened_mono >= self._grace):
                 out.append(self._unrecorded(tracked, self._why_unrecorded(tracked)))
             if alive is not None and not tracked.closed and not alive(pid):
                 out.extend(self._close(pid, self._wall()))

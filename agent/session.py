@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sshaudit.agent import protocol
 from sshaudit.agent.protocol import Data, Marker, Message, MsgType, ProtocolError, Resize, Stream
+from sshaudit.agent.spool import RecordingStatus, SessionRecord, SpoolState
 from sshaudit.agent.sshcert import AuthInfo
 from sshaudit.asciicast import Encoder, Header
 from sshaudit.keys import AuditorPublicKey
@@ -229,6 +230,31 @@ class SessionMeta:
             "session_start": rfc3339(self.started_at),
         }
 
+    def record(self) -> SessionRecord:
+        """The session's record as it starts (``recording``); :func:`final_record` ends it."""
+        f = self.sshaudit_fields()
+        return SessionRecord(
+            session_id=self.session_id,
+            user_email=f["user_email"],
+            unix_user=self.unix_user,
+            target_id=self.target_id,
+            hostname=self.hostname,
+            client_address=f["client_address"],
+            client_port=f["client_port"],
+            server_address=f["server_address"],
+            server_port=f["server_port"],
+            session_start=f["session_start"],
+            program_type=f["program_type"],
+            command=self.hello.command,
+            recording_status=RecordingStatus.RECORDING,
+            cert_serial=f["cert_serial"],
+            cert_fingerprint=f["cert_fingerprint"],
+            principal=f["principal"],
+            spool_state=SpoolState.WRITING,
+            priv_pid=self.priv_pid,
+            extra={k: f[k] for k in ("uid", "ca_fingerprint", "key_fingerprint", "pty", "tty")},
+        )
+
     def asciicast_header(self) -> Header:
         env = {k: v for k, v in (("TERM", self.hello.term), ("SHELL", self.hello.shell)) if v}
         exec_like = self.hello.program_type is not ProgramType.SHELL
@@ -395,3 +421,44 @@ def _end_labels(info: EndInfo) -> list[str]:
     if info.error:
         labels.append(f"sshaudit: error: {info.error}")
     return labels
+
+
+def final_record(
+    start: SessionRecord,
+    session: RecordingSession,
+    *,
+    status: RecordingStatus,
+    error: str | None,
+    end: EndInfo | None,
+    finished_at: datetime,
+) -> SessionRecord:
+    """The record once the recording is over (complete, truncated or recorder_lost): the
+    recorder's own byte counts when it sent END (they include what the capture cap left
+    out), else what reached the daemon."""
+    bytes_in, bytes_out = session.bytes_in, session.bytes_out
+    extra = dict(start.extra)
+    exit_status = None
+    if end is not None:
+        if end.bytes_in is not None:
+            bytes_in = end.bytes_in
+        if end.bytes_out is not None:
+            bytes_out = end.bytes_out + (end.bytes_err or 0)
+        exit_status = end.exit_status
+        if end.signal is not None:
+            extra["signal"] = end.signal
+        if end.streams:
+            extra["streams"] = {k: dict(v) for k, v in end.streams.items()}
+        error = error or end.error
+    return replace(
+        start,
+        session_finish=rfc3339(finished_at),
+        exit_status=exit_status,
+        error=error,
+        recording_status=status,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        spool_state=SpoolState.CLOSED,
+        frames=session.frames,
+        sealed_bytes=session.sealed_bytes,
+        extra=extra,
+    )

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sshd_harness import HOST, SshdServer, client_env  # noqa: E402
-from sshd_host import UnixUser  # noqa: E402
+from sshd_harness import HOST, SshdServer, client_env
+from sshd_host import UnixUser
 
 
 def timed_ssh(server: SshdServer, user: UnixUser, command: str, tty: bool = False) -> float:
