@@ -16,20 +16,25 @@ Invariants:
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums and selectors cost ~7 ms at every login
 import os
 import pwd
-import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from sshaudit.agent import protocol
 from sshaudit.agent.recorder_config import DEFAULT_CONFIG, RecorderConfig, load
 from sshaudit.agent.relay_common import ChildStatus, RelayResult, Sink, say
 from sshaudit.errors import ConfigError, UsageError
+
+# typing costs start time at every login: it is imported for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
 
 HANDSHAKE_TIMEOUT = 2.0  # seconds for connect + ACCEPT (issue3.md)
 DONE_TIMEOUT = 2.0  # seconds for the daemon to seal the last frame after END
@@ -191,7 +196,8 @@ def plan_session(
         return Plan(ProgramType.SHELL, None, shell, (argv0,), pty, user, shell)
     mapped = map_subsystem(command, exists)
     kind = ProgramType.EXEC if mapped is None else ProgramType.SUBSYSTEM
-    return Plan(kind, command, shell, (shell, "-c", mapped or command), pty, user, shell)
+    # sshd passes the shell's basename as argv[0] of "-c" too (session.c do_child)
+    return Plan(kind, command, shell, (_basename(shell), "-c", mapped or command), pty, user, shell)
 
 
 def read_auth_info(environ: Mapping[str, str]) -> str:
@@ -254,7 +260,7 @@ def parse_reply(msg: protocol.Message) -> Accept | Refuse:
 
 
 def receive(
-    sock: socket.socket, decoder: protocol.Decoder, deadline: float, clock: Any = time.monotonic
+    sock: _socket.socket, decoder: protocol.Decoder, deadline: float, clock: Any = time.monotonic
 ) -> protocol.Message:
     """The next message from the daemon before ``deadline`` (raises TimeoutError/OSError)."""
     while True:
@@ -272,10 +278,10 @@ def receive(
 
 def handshake(
     path: str, hello: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT
-) -> tuple[socket.socket, Accept | Refuse]:
+) -> tuple[_socket.socket, Accept | Refuse]:
     """Connect, send HELLO, wait for ACCEPT/REFUSE (raises OSError or ProtocolError)."""
     deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -302,7 +308,7 @@ def end_message(result: RelayResult) -> bytes:
     )
 
 
-def finish(sock: socket.socket, result: RelayResult, timeout: float = DONE_TIMEOUT) -> bool:
+def finish(sock: _socket.socket, result: RelayResult, timeout: float = DONE_TIMEOUT) -> bool:
     """Send END and wait (bounded) for DONE; True when the daemon confirmed."""
     try:
         sock.settimeout(timeout)
@@ -330,10 +336,23 @@ def run_relay(
     return run_exec(plan.path, plan.argv, environ, sink=sink, clock=clock, policy=policy)
 
 
+def session_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment sshd gave the session, minus what the shell running us added.
+
+    sshd runs the ForceCommand as ``$SHELL -c``; bash then exports SHLVL (decremented to 0
+    when it execs us). sshd itself sets no SHLVL, so the session's shell gets none, as
+    without the recorder: bash then counts level 1 and, built with SSH_SOURCE_BASHRC as on
+    Debian, sources ~/.bashrc for ``ssh host cmd`` exactly as plain sshd makes it do.
+    """
+    env = dict(environ)
+    env.pop("SHLVL", None)
+    return env
+
+
 def exec_unrecorded(plan: Plan, environ: Mapping[str, str]) -> int:
     """Become the session's program, exactly as sshd would have run it."""
     try:
-        os.execve(plan.path, list(plan.argv), dict(environ))  # noqa: S606 (the user's shell)
+        os.execve(plan.path, list(plan.argv), session_env(environ))  # noqa: S606 (the user's shell)
     except OSError as exc:
         say(2, f"{plan.path}: {exc.strerror}\n")
     return 1
@@ -361,6 +380,17 @@ def _session_size(pty: bool) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The ForceCommand; returns the exit status (or dies by the session's signal)."""
+    try:
+        return _main(argv, environ)
+    except KeyboardInterrupt:  # ^C on the terminal before the relay took it over
+        return 130
+    except Exception as exc:  # never a traceback in the user's session
+        say(2, f"sshaudit: internal error: {type(exc).__name__}: {exc}\n")
+        return 1
+
+
+def _main(argv: list[str] | None, environ: Mapping[str, str] | None) -> int:
     started = time.monotonic()
     env = os.environ if environ is None else environ
     try:
@@ -401,7 +431,7 @@ def _run(plan: Plan, env: Mapping[str, str], config: RecorderConfig, clock: Any)
         return 1
     sock.settimeout(SEND_TIMEOUT)
     sink = Sink(sock.sendall, watch=sock, end_on_loss=not config.may_run_unrecorded(plan.user))
-    result = run_relay(plan, env, sink, reply, clock)
+    result = run_relay(plan, session_env(env), sink, reply, clock)
     if sink.active:
         finish(sock, result)
     else:

@@ -15,9 +15,14 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from sshaudit.errors import ConfigError
+
+# typing costs start time at every login: it is imported for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 DEFAULT_CONFIG = "/etc/sshaudit/agent.toml"
 DEFAULT_SOCKET = "/run/sshaudit/agent.sock"

@@ -11,19 +11,24 @@ Invariants:
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums and selectors cost ~7 ms at every login
 import contextlib
 import errno
 import os
 import select
 import signal
-import socket
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
-from typing import Any
 
-Clock = Callable[[], float]
-"""Seconds since the recorder started (monotonic): the times of DATA/RESIZE/MARKER."""
+# typing costs start time at every login: it is imported for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+    from types import FrameType, TracebackType
+    from typing import Any
+
+    Clock = Callable[[], float]
+    """Seconds since the recorder started (monotonic): the times of DATA/RESIZE/MARKER."""
+
 
 # Signals a relay passes on to its child. sshd itself refuses "signal" channel requests
 # for forced commands, so these come from the system (shutdown, an admin's kill).
@@ -87,7 +92,7 @@ class Sink:
         self,
         send: Callable[[bytes], object] | None,
         *,
-        watch: socket.socket | None = None,
+        watch: _socket.socket | None = None,
         end_on_loss: bool = False,
     ) -> None:
         self._send = send
@@ -116,7 +121,7 @@ class Sink:
         if self._watch is None or self.lost:
             return
         try:
-            data = self._watch.recv(4096, socket.MSG_DONTWAIT)
+            data = self._watch.recv(4096, _socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:

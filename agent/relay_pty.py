@@ -27,16 +27,13 @@ import signal
 import struct
 import termios
 import tty
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sshaudit.agent.protocol import Stream, encode_data, encode_marker, encode_resize
 from sshaudit.agent.relay_common import (
     FORWARDED_SIGNALS,
     LOST_MESSAGE,
     ChildStatus,
-    Clock,
     Poller,
     RelayResult,
     SignalPipe,
@@ -49,8 +46,17 @@ from sshaudit.agent.relay_common import (
     write_all,
 )
 
+# typing costs start time at every login: it is imported for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
+    from sshaudit.agent.relay_common import Clock
+
 READ_SIZE = 64 * 1024
 DRAIN_IDLE = 0.25  # seconds without output after the child's exit before giving up on EIO
+DRAIN_MAX = 2.0  # seconds of output relayed at most after the child's exit
 KILL_GRACE = 2.0
 _POLLIN = 0x001
 _POLLOUT = 0x004
@@ -113,7 +119,7 @@ class _State:
 
     def __init__(self, sink: Sink, clock: Clock, record_input: bool) -> None:
         self.sink, self.clock, self.record_input = sink, clock, record_input
-        self.bytes_in = self.bytes_out = self.captured_in = 0
+        self.bytes_in = self.bytes_out = self.captured_in = self.captured_out = 0
         self.pending = b""  # input the inner master did not take yet
         self.input_open = True
         self.output_open = True  # the outer terminal still takes output
@@ -176,7 +182,7 @@ def run_pty(
             os.close(slave)
     streams = {
         "stdin": StreamStats(state.bytes_in, state.captured_in, None),
-        "stdout": StreamStats(state.bytes_out, state.bytes_out, None),
+        "stdout": StreamStats(state.bytes_out, state.captured_out, None),
     }
     return RelayResult(status, streams, "recording service lost" if sink.lost else None)
 
@@ -260,20 +266,40 @@ def _flush(master: int, st: _State) -> None:
         st.pending = b""
 
 
+def _read_master(master: int) -> tuple[bytes, bool]:
+    """What the master holds now, up to READ_SIZE, and whether the slave side is alive.
+
+    A pty hands out output in small pieces (about 1-4 KiB per read under a flood): reading
+    until EAGAIN before relaying turns many small writes and DATA messages into one, and
+    costs one extra read(2) per keystroke echo.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    while total < READ_SIZE:
+        try:
+            data = os.read(master, READ_SIZE - total)
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if is_hangup(exc):  # EIO: every slave fd is closed
+                return b"".join(chunks), False
+            raise
+        if not data:
+            return b"".join(chunks), False
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks), True
+
+
 def _read_output(master: int, fds: PtyFds, st: _State) -> bool:
     """Relay what the child printed; False when the slave side is gone (EIO)."""
-    try:
-        data = os.read(master, READ_SIZE)
-    except BlockingIOError:
-        return True
-    except OSError as exc:
-        if is_hangup(exc):
-            return False
-        raise
+    data, alive = _read_master(master)
     if not data:
-        return False
+        return alive
     st.bytes_out += len(data)
-    st.sink.emit(encode_data(st.clock(), Stream.OUTPUT, data))
+    if st.sink.active:
+        st.captured_out += len(data)
+        st.sink.emit(encode_data(st.clock(), Stream.OUTPUT, data))
     if st.output_open:
         try:
             write_all(fds.stdout, data)
@@ -281,13 +307,14 @@ def _read_output(master: int, fds: PtyFds, st: _State) -> bool:
             if not is_hangup(exc):
                 raise
             st.output_open = st.input_open = False
-    return True
+    return alive
 
 
 def _drain(master: int, fds: PtyFds, st: _State) -> None:
     """The child exited: relay what it wrote last (the pty may still be delivering it)."""
     poller = Poller()
-    while True:
+    until = st.clock() + DRAIN_MAX  # a background job may keep printing: sshd would not wait
+    while st.clock() < until:
         ready = poller.wait({master: _POLLIN}, DRAIN_IDLE)
         if not ready or not _read_output(master, fds, st):
             return  # quiet (a background job holds the slave), or EIO: everything is out

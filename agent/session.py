@@ -154,7 +154,8 @@ class EndInfo:
             value = doc.get(name)
             if value is not None and (type(value) is not int or not -1 <= value <= 0xFFFF):
                 raise ProtocolError(f"END: {name} must be a small integer or null")
-        streams = doc.get("streams") or {}
+        streams = doc.get("streams")
+        streams = {} if streams is None else streams
         if not isinstance(streams, dict) or not all(
             k in ("stdin", "stdout", "stderr") and isinstance(v, dict) for k, v in streams.items()
         ):
@@ -252,7 +253,7 @@ class SessionMeta:
             principal=f["principal"],
             spool_state=SpoolState.WRITING,
             priv_pid=self.priv_pid,
-            extra={k: f[k] for k in ("uid", "ca_fingerprint", "key_fingerprint", "pty", "tty")},
+            details={k: f[k] for k in ("uid", "ca_fingerprint", "key_fingerprint", "pty", "tty")},
         )
 
     def asciicast_header(self) -> Header:
@@ -297,7 +298,10 @@ class RecordingSession:
         self._max = frame_max_bytes
         self._interval = frame_interval
         self._record_input = record_input
-        self._pending = bytearray()
+        # Lines wait as a list, joined once per frame: a growing buffer reallocated at
+        # every append fragments the heap badly with hundreds of sessions.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._oldest: float | None = None
         self._last_t = 0.0
         self.bytes_in = 0
@@ -334,14 +338,16 @@ class RecordingSession:
         if lines:
             if self._oldest is None:
                 self._oldest = now
-            self._pending += lines
-            if len(self._pending) >= self._max:
+            self._pending.append(lines)
+            self._pending_bytes += len(lines)
+            if self._pending_bytes >= self._max:
                 return self._cut()
         return self.tick(now)
 
     def _cut(self) -> bytes:
-        data = bytes(self._pending)
+        data = b"".join(self._pending)
         self._pending.clear()
+        self._pending_bytes = 0
         self._oldest = None
         return self._out(self._writer.write(data))
 
@@ -388,9 +394,9 @@ class RecordingSession:
         lines = self._encoder.flush(t) + self._stderr.flush(t)
         for label in _end_labels(info):
             lines += self._encoder.marker(t, label)
-        self._pending += lines
-        data = bytes(self._pending)
+        data = b"".join([*self._pending, lines])
         self._pending.clear()
+        self._pending_bytes = 0
         self._oldest = None
         self.finished = True
         del now
@@ -436,7 +442,7 @@ def final_record(
     recorder's own byte counts when it sent END (they include what the capture cap left
     out), else what reached the daemon."""
     bytes_in, bytes_out = session.bytes_in, session.bytes_out
-    extra = dict(start.extra)
+    details = dict(start.details)
     exit_status = None
     if end is not None:
         if end.bytes_in is not None:
@@ -445,9 +451,9 @@ def final_record(
             bytes_out = end.bytes_out + (end.bytes_err or 0)
         exit_status = end.exit_status
         if end.signal is not None:
-            extra["signal"] = end.signal
+            details["signal"] = end.signal
         if end.streams:
-            extra["streams"] = {k: dict(v) for k, v in end.streams.items()}
+            details["streams"] = {k: dict(v) for k, v in end.streams.items()}
         error = error or end.error
     return replace(
         start,
@@ -460,5 +466,5 @@ def final_record(
         spool_state=SpoolState.CLOSED,
         frames=session.frames,
         sealed_bytes=session.sealed_bytes,
-        extra=extra,
+        details=details,
     )

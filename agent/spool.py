@@ -90,11 +90,11 @@ class SessionRecord:
     frames: int = 0
     sealed_bytes: int = 0
     priv_pid: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # more than the DESIGN fields
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
-        spool = {k: doc.pop(k) for k in ("frames", "sealed_bytes", "priv_pid", "extra")}
+        spool = {k: doc.pop(k) for k in ("frames", "sealed_bytes", "priv_pid")}
         spool["state"] = self.spool_state.value
         spool["file"] = None if self.spool_state is SpoolState.NONE else self.sealed_name
         del doc["spool_state"]
@@ -114,10 +114,10 @@ class SessionRecord:
             fields = {k: v for k, v in doc.items() if k in known}  # newer fields: ignored
             fields["recording_status"] = RecordingStatus(doc["recording_status"])
             fields["spool_state"] = SpoolState(spool["state"])
-            for name in ("frames", "sealed_bytes", "priv_pid", "extra"):
+            for name in ("frames", "sealed_bytes", "priv_pid"):
                 fields[name] = spool.get(name, cls.__dataclass_fields__[name].default)
-            if fields["extra"] is None or not isinstance(fields["extra"], dict):
-                fields["extra"] = {}
+            if not isinstance(fields.get("details"), dict):
+                fields["details"] = {}
             return cls(**fields)
         except (KeyError, TypeError, ValueError) as exc:
             raise SealedFormatError(f"not a session record: {exc}") from exc

@@ -45,6 +45,9 @@ class Code(Enum):
     MARKER = "m"
 
 
+_CODES = {code: json.dumps(code.value) for code in Code}
+
+
 @dataclass(frozen=True)
 class Header:
     """The header line. ``extra`` holds every other field (``sshaudit`` among them)."""
@@ -114,8 +117,10 @@ class Encoder:
         return format_time(self._last)
 
     def _line(self, t: float, code: Code, data: str) -> bytes:
-        text = json.dumps(data, ensure_ascii=False)
-        return f"[{self._time(t)}, {json.dumps(code.value)}, {text}]\n".encode()
+        # For ASCII data both settings give the same bytes, and ensure_ascii=True is the
+        # much faster C path; other text is kept as readable UTF-8, as asciinema writes it.
+        text = json.dumps(data, ensure_ascii=data.isascii())
+        return f"[{self._time(t)}, {_CODES[code]}, {text}]\n".encode()
 
     def _decode(self, code: Code, data: bytes, final: bool) -> tuple[str, bytes]:
         """Decode what is complete; return the text and the invalid bytes it replaced.
@@ -123,7 +128,8 @@ class Encoder:
         ``surrogateescape`` maps each invalid byte to one lone surrogate (U+DC80..U+DCFF)
         at C speed; those are then swapped for U+FFFD, one per byte, and collected."""
         text = self._decoders[code].decode(data, final)
-        if not _ESCAPED.search(text):
+        # str.isascii() is O(1) in CPython: the common case skips the regex scan entirely.
+        if text.isascii() or not _ESCAPED.search(text):
             return text, b""
         bad = bytes(ord(ch) - 0xDC00 for run in _ESCAPED.findall(text) for ch in run)
         self.invalid_bytes[code] += len(bad)

@@ -73,9 +73,15 @@ class Run:
     daemon: Daemon
 
 
-def relay(command: str, stdin: bytes = b"", *, policy: ExecPolicy | None = None,
-          close_stdin: bool = True, end_on_loss: bool = False,
-          during: object = None) -> Run:
+def relay(
+    command: str,
+    stdin: bytes = b"",
+    *,
+    policy: ExecPolicy | None = None,
+    close_stdin: bool = True,
+    end_on_loss: bool = False,
+    during: object = None,
+) -> Run:
     """Run ``sh -c command`` through run_exec with ``stdin`` fed, as sshd would."""
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -96,9 +102,15 @@ def relay(command: str, stdin: bytes = b"", *, policy: ExecPolicy | None = None,
     start = time.monotonic()
     sink = Sink(ours.sendall, watch=ours, end_on_loss=end_on_loss)
     try:
-        result = run_exec(SH, [SH, "-c", command], {"PATH": os.environ["PATH"]}, sink=sink,
-                          clock=lambda: time.monotonic() - start,
-                          policy=policy or ExecPolicy(), fds=StdFds(in_r, out_w, err_w))
+        result = run_exec(
+            SH,
+            [SH, "-c", command],
+            {"PATH": os.environ["PATH"]},
+            sink=sink,
+            clock=lambda: time.monotonic() - start,
+            policy=policy or ExecPolicy(),
+            fds=StdFds(in_r, out_w, err_w),
+        )
     finally:
         ours.close()
         os.close(in_r)  # unblocks a feeder the child never read
@@ -166,8 +178,9 @@ def test_record_input_off_sends_no_input_data() -> None:
 
 def test_child_that_never_reads_stdin_cannot_deadlock() -> None:
     # 4 MB in, 4 MB out, stdin never read: a blocking relay would hang here.
-    run = relay("head -c 4000000 /dev/zero", os.urandom(4_000_000),
-                policy=ExecPolicy(capture_cap=0))
+    run = relay(
+        "head -c 4000000 /dev/zero", os.urandom(4_000_000), policy=ExecPolicy(capture_cap=0)
+    )
     assert run.out == bytes(4_000_000)
     assert run.result.status.exit_status == 0
 
@@ -215,8 +228,15 @@ def test_daemon_lost_with_allow_continues_unrecorded() -> None:
 def test_program_that_cannot_run_fails_like_sshd() -> None:
     in_r, in_w = os.pipe()
     err_r, err_w = os.pipe()
-    result = run_exec("/nonexistent/shell", ["x"], {}, sink=Sink(None), clock=time.monotonic,
-                      policy=ExecPolicy(), fds=StdFds(in_r, 1, err_w))
+    result = run_exec(
+        "/nonexistent/shell",
+        ["x"],
+        {},
+        sink=Sink(None),
+        clock=time.monotonic,
+        policy=ExecPolicy(),
+        fds=StdFds(in_r, 1, err_w),
+    )
     os.close(err_w)
     message = os.read(err_r, 1000)
     for fd in (in_r, in_w, err_r):

@@ -31,21 +31,24 @@ PASSWORD = b"hunter2-Zq9"
 
 
 class Terminal:
-    """The user's side of the outer pty: type keys, wait for output."""
+    """The user's side of the outer pty: a reader thread collects the screen; type keys."""
 
     def __init__(self, master: int) -> None:
         self.master = master
         self.output = bytearray()
-        self._lock = threading.Lock()
+        self.stop = threading.Event()
+        self.lose_daemon: Callable[[], None] = lambda: None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-    def pump(self, timeout: float) -> None:
-        ready, _, _ = select.select([self.master], [], [], timeout)
-        if ready:
-            try:
-                chunk = os.read(self.master, 1 << 16)
-            except OSError:
-                chunk = b""
-            with self._lock:
+    def _read(self) -> None:
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 1 << 16)
+                except OSError:
+                    return
                 self.output += chunk
 
     def wait_for(self, pattern: bytes, timeout: float = 10.0) -> None:
@@ -53,10 +56,15 @@ class Terminal:
         while not re.search(pattern, bytes(self.output)):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{pattern!r} not seen; got {bytes(self.output)!r}")
-            self.pump(0.05)
+            time.sleep(0.02)
 
     def type(self, keys: bytes) -> None:
         os.write(self.master, keys)
+
+    def close(self) -> None:
+        time.sleep(0.1)  # the last output is in flight on the outer pty
+        self.stop.set()
+        self.reader.join(5)
 
 
 @dataclass
@@ -70,19 +78,31 @@ class Recorded:
 
     def data(self, stream: protocol.Stream) -> bytes:
         msgs = [m for m in self.messages() if m.type is protocol.MsgType.DATA]
-        return b"".join(d.data for d in map(protocol.parse_data, (m.payload for m in msgs))
-                        if d.stream is stream)
+        return b"".join(
+            d.data
+            for d in map(protocol.parse_data, (m.payload for m in msgs))
+            if d.stream is stream
+        )
 
     def all_data(self) -> bytes:
-        return b"".join(protocol.parse_data(m.payload).data for m in self.messages()
-                        if m.type is protocol.MsgType.DATA)
+        return b"".join(
+            protocol.parse_data(m.payload).data
+            for m in self.messages()
+            if m.type is protocol.MsgType.DATA
+        )
 
     def of_type(self, t: protocol.MsgType) -> list[protocol.Message]:
         return [m for m in self.messages() if m.type is t]
 
 
-def session(argv: list[str], user: Callable[[Terminal], None], *, record_input: bool = True,
-            env: dict[str, str] | None = None) -> Recorded:
+def session(
+    argv: list[str],
+    user: Callable[[Terminal], None],
+    *,
+    record_input: bool = True,
+    env: dict[str, str] | None = None,
+    end_on_loss: bool = False,
+) -> Recorded:
     """Run ``argv`` through run_pty on an outer pty driven by ``user`` (in a thread)."""
     outer_master, outer_slave = os.openpty()
     fcntl.ioctl(outer_slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -90,6 +110,7 @@ def session(argv: list[str], user: Callable[[Terminal], None], *, record_input: 
     ours, theirs = socket.socketpair()
     raw = bytearray()
     term = Terminal(outer_master)
+    term.lose_daemon = lambda: theirs.shutdown(socket.SHUT_RDWR)
 
     def daemon() -> None:
         while chunk := theirs.recv(1 << 16):
@@ -110,16 +131,21 @@ def session(argv: list[str], user: Callable[[Terminal], None], *, record_input: 
     start = time.monotonic()
     base_env = {"PATH": os.environ["PATH"], "TERM": "xterm", "PS1": "$ ", "HOME": "/"}
     try:
-        result = run_pty(argv[0], argv, {**base_env, **(env or {})},
-                         sink=Sink(ours.sendall, watch=ours),
-                         clock=lambda: time.monotonic() - start, record_input=record_input,
-                         fds=PtyFds(outer_slave, outer_slave))
+        result = run_pty(
+            argv[0],
+            argv,
+            {**base_env, **(env or {})},
+            sink=Sink(ours.sendall, watch=ours, end_on_loss=end_on_loss),
+            clock=lambda: time.monotonic() - start,
+            record_input=record_input,
+            fds=PtyFds(outer_slave, outer_slave),
+        )
         assert termios.tcgetattr(outer_slave) == modes_before, "outer tty modes not restored"
     finally:
         ours.close()
         threads[1].join(10)
         threads[0].join(10)
-        term.pump(0.1)
+        term.close()
         for fd in (outer_master, outer_slave):
             os.close(fd)
         theirs.close()
@@ -229,6 +255,34 @@ def test_child_has_the_new_pty_as_controlling_terminal_and_the_window_size() -> 
     assert out.startswith("24 80\r\n")
     tty = out.split()[-1].removeprefix("/dev/")
     assert out.split()[2] == tty  # ps: the controlling terminal is the new pty
+
+
+def test_daemon_lost_with_deny_hangs_up_the_session() -> None:
+    def user(t: Terminal) -> None:
+        t.wait_for(rb"\$ ")
+        t.lose_daemon()
+        t.wait_for(b"recording service is unavailable")
+
+    t0 = time.monotonic()
+    rec = session(["/bin/sh"], user, end_on_loss=True)
+    assert time.monotonic() - t0 < 10
+    assert rec.result.status.signal == signal.SIGHUP
+    assert rec.result.error == "recording service lost"
+
+
+def test_daemon_lost_with_allow_continues() -> None:
+    def user(t: Terminal) -> None:
+        t.wait_for(rb"\$ ")
+        t.lose_daemon()
+        time.sleep(0.2)
+        t.type(b"echo still-here\r")
+        t.wait_for(b"still-here\r\n")
+        t.type(b"exit 2\r")
+
+    rec = session(["/bin/sh"], user, end_on_loss=False)
+    assert rec.result.status.exit_status == 2
+    assert rec.result.error == "recording service lost"
+    assert b"still-here" in rec.screen
 
 
 @pytest.fixture(autouse=True)
