@@ -362,11 +362,16 @@ def exit_like(status: ChildStatus) -> int:
     """The exit status to leave with; dies by the child's signal when it died by one."""
     if status.signal is None:
         return status.exit_status if status.exit_status is not None else 1
+    import contextlib
     import resource
     import signal
 
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # our death is not a crash to dump
-    signal.signal(status.signal, signal.SIG_DFL)
+    # Our death is not a crash: no core file of the recorder for SIGSEGV/SIGABRT/SIGQUIT.
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL's disposition cannot be set
+        signal.signal(status.signal, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [status.signal])
     os.kill(os.getpid(), status.signal)
     return 128 + status.signal  # the signal did not end us (not a fatal one)
 

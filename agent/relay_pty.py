@@ -90,7 +90,7 @@ def _spawn(
     env: Mapping[str, str],
     slave: int,
     master: int,
-    blocked: Sequence[int],
+    handled: Sequence[int],
 ) -> int:
     """fork + exec with ``slave`` as the controlling terminal of a new session."""
     pid = os.fork()
@@ -103,7 +103,7 @@ def _spawn(
             os.dup2(slave, fd)
         os.close(slave)
         os.close(master)
-        for sig in (*blocked, signal.SIGPIPE, signal.SIGXFSZ):
+        for sig in (*handled, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())

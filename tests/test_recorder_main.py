@@ -311,13 +311,15 @@ def test_recorded_exec_session(launcher: Path, tmp_path: Path, stand_in: StandIn
     assert end["streams"]["stdout"]["bytes"] == len(done.stdout)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
 def test_recorded_session_dies_by_the_childs_signal(
-    launcher: Path, tmp_path: Path, stand_in: StandIn
+    launcher: Path, tmp_path: Path, stand_in: StandIn, sig: int
 ) -> None:
-    done = run_recorder(launcher, tmp_path, socket_path=stand_in.path, command="kill -TERM $$")
-    assert done.returncode == -signal.SIGTERM  # sshd then reports exit-signal TERM
+    done = run_recorder(launcher, tmp_path, socket_path=stand_in.path, command=f"kill -{sig} $$")
+    assert done.returncode == -sig, done.stderr  # sshd then reports exit-signal
+    assert not list(tmp_path.glob("core*"))
     end = stand_in.of_type(protocol.MsgType.END)[0].json()
-    assert (end["exit_status"], end["signal"]) == (None, signal.SIGTERM)
+    assert (end["exit_status"], end["signal"]) == (None, sig)
 
 
 @pytest.mark.parametrize(
