@@ -38,7 +38,10 @@ def timed_ssh(server: SshdServer, user: UnixUser, command: str, tty: bool = Fals
     )
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{command!r} failed ({done.returncode}): {done.stderr[-500:]!r}")
+        where = server.config.force_command or "plain sshd"
+        raise RuntimeError(
+            f"{command!r} via {where} failed ({done.returncode}): {done.stderr[-500:]!r}"
+        )
     return elapsed
 
 
@@ -65,6 +68,8 @@ def echo_latencies(server: SshdServer, user: UnixUser, samples: int = 200) -> li
     """Seconds from a keystroke written to the client's pty to its echo read back."""
     marker = b"READY-" + os.urandom(4).hex().encode()
     with server.interactive(user, "/bin/bash", "--norc", "--noprofile", "-i") as session:
+        # Type nothing before the shell prompts: a recorder starting up may drop early input.
+        session.read_until(re.compile(rb"\$ "), timeout=30)
         session.send(b"PS1='$ '; stty -ixon; echo " + marker[:6] + b"\\" + marker[6:] + b"\r")
         session.read_until(marker)
         session.read_until(b"$ ")
