@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 
-from sshaudit.collector.problems import BadRequest
+from sshaudit.collector.problems import BadRequestError
 
 SESSION_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 HOST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$"
 EVENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-TOKEN_ID_PATTERN = r"^[0-9a-f]{16}$"
+TOKEN_ID_PATTERN = r"^[0-9a-f]{16}$"  # noqa: S105 - a token *id*, not a secret
 HOLD_ID_PATTERN = r"^[0-9a-f]{16}$"
 KID_PATTERN = r"^[0-9a-f]{16}$"
 CA_KEY_ID_PATTERN = r"^[0-9a-f]{64}$"
@@ -37,11 +37,11 @@ def is_host_id(value: str) -> bool:
 
 def check_session_id(value: str) -> str:
     if not is_session_id(value):
-        raise BadRequest("not a session id (a lowercase UUID)", code="invalid_session_id")
+        raise BadRequestError("not a session id (a lowercase UUID)", code="invalid_session_id")
     return value
 
 
 def check_host_id(value: str) -> str:
     if not is_host_id(value):
-        raise BadRequest("not a host id", code="invalid_host_id")
+        raise BadRequestError("not a host id", code="invalid_host_id")
     return value

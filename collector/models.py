@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -22,6 +23,7 @@ from sshaudit.collector.ids import EVENT_ID_PATTERN, HOST_ID_PATTERN, SESSION_ID
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_DETAILS = 64 * 1024
+MAX_DEPTH = 32
 _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -74,14 +76,38 @@ def _address(text: str) -> str:
     return text
 
 
+def check_json(doc: JsonValue, limit: int) -> None:
+    """Raise ValueError unless ``doc`` is at most ``MAX_DEPTH`` deep, has only finite
+    numbers (JSON has no NaN or Infinity, RFC 8259 section 6, though Python's parser takes
+    them) and serializes to at most ``limit`` bytes. Iterative: no recursion to exhaust."""
+    stack: list[tuple[JsonValue, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"must be at most {MAX_DEPTH} levels deep")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must not contain NaN or Infinity")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    if len(json.dumps(doc, separators=(",", ":"))) > limit:
+        raise ValueError(f"must be at most {limit} bytes of JSON")
+
+
 def _details(doc: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    if len(json.dumps(doc, separators=(",", ":"))) > MAX_DETAILS:
-        raise ValueError(f"must be at most {MAX_DETAILS} bytes of JSON")
+    check_json(doc, MAX_DETAILS)
     return doc
 
 
-def Text(limit: int) -> Any:  # noqa: N802 - reads as a type in the models below
-    return Annotated[str, Field(max_length=limit, strict=True), AfterValidator(_no_nul)]
+_NoNul = AfterValidator(_no_nul)
+Text64 = Annotated[str, Field(max_length=64, strict=True), _NoNul]
+Text128 = Annotated[str, Field(max_length=128, strict=True), _NoNul]
+Text253 = Annotated[str, Field(max_length=253, strict=True), _NoNul]
+Text320 = Annotated[str, Field(max_length=320, strict=True), _NoNul]
+Text1024 = Annotated[str, Field(max_length=1024, strict=True), _NoNul]
+Text4096 = Annotated[str, Field(max_length=4096, strict=True), _NoNul]
+Text64K = Annotated[str, Field(max_length=65536, strict=True), _NoNul]
 
 
 Time = Annotated[str, Field(max_length=40, strict=True), AfterValidator(_time)]
@@ -93,6 +119,15 @@ SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, strict=True)]
 HostId = Annotated[str, Field(pattern=HOST_ID_PATTERN, strict=True)]
 EventId = Annotated[str, Field(pattern=EVENT_ID_PATTERN, strict=True)]
 Details = Annotated[dict[str, JsonValue], AfterValidator(_details)]
+MAX_POLICY = 64 * 1024
+
+
+def _policy(doc: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    check_json(doc, MAX_POLICY)
+    return doc
+
+
+PolicyDocument = Annotated[dict[str, JsonValue], AfterValidator(_policy)]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -117,10 +152,10 @@ class SessionRecord(BaseModel):
     model_config = _FROZEN
 
     session_id: SessionId
-    user_email: Text(320) = ""
-    unix_user: Text(64) = ""
+    user_email: Text320 = ""
+    unix_user: Text64 = ""
     target_id: Annotated[str, Field(pattern=r"^$|" + HOST_ID_PATTERN, strict=True)] = ""
-    hostname: Text(253) = ""
+    hostname: Text253 = ""
     client_address: Address = ""
     client_port: Port | None = None
     server_address: Address = ""
@@ -128,15 +163,15 @@ class SessionRecord(BaseModel):
     session_start: Time
     session_finish: Time | None = None
     program_type: ProgramType | None = None
-    command: Text(65536) | None = None
+    command: Text64K | None = None
     exit_status: Annotated[int, Field(ge=-(1 << 31), lt=1 << 31, strict=True)] | None = None
-    error: Text(4096) | None = None
+    error: Text4096 | None = None
     recording_status: RecordingStatus
     bytes_in: Count = 0
     bytes_out: Count = 0
     cert_serial: Serial | None = None
-    cert_fingerprint: Text(128) = ""
-    principal: Text(1024) = ""
+    cert_fingerprint: Text128 = ""
+    principal: Text1024 = ""
     details: Details | None = None
 
 
@@ -147,15 +182,15 @@ class AuthEvent(BaseModel):
 
     event_id: EventId
     created_at: Time
-    user_email: Text(320) = ""
-    unix_user: Text(64) = ""
+    user_email: Text320 = ""
+    unix_user: Text64 = ""
     ip_address: Address = ""
     target_id: Annotated[str, Field(pattern=r"^$|" + HOST_ID_PATTERN, strict=True)] = ""
     method: Annotated[str, Field(pattern=r"^$|^[a-z0-9][a-z0-9_-]{0,31}$", strict=True)] = ""
     allowed: Annotated[bool, Field(strict=True)]
-    reason: Text(1024) = ""
+    reason: Text1024 = ""
     cert_serial: Serial | None = None
-    cert_fingerprint: Text(128) = ""
+    cert_fingerprint: Text128 = ""
     session_id: SessionId | None = None
 
 

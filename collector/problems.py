@@ -28,53 +28,59 @@ class CollectorError(SSHAuditError):
         code: str | None = None,
         extra: Mapping[str, Any] | None = None,
         detail: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.extra: dict[str, Any] = dict(extra or {})
         self.detail = message if detail is None else detail
+        self.headers: dict[str, str] = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "detail": self.detail, **self.extra}
 
 
-class BadRequest(CollectorError):
+class BadRequestError(CollectorError):
     status = 400
     default_code = "bad_request"
 
 
-class Unauthorized(CollectorError):
+class UnauthorizedError(CollectorError):
     status = 401
     default_code = "unauthorized"
 
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        # RFC 6750 section 3: a 401 names the scheme it wants.
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
 
-class Forbidden(CollectorError):
+
+class ForbiddenError(CollectorError):
     status = 403
     default_code = "forbidden"
 
 
-class NotFound(CollectorError):
+class NotFoundError(CollectorError):
     status = 404
     default_code = "not_found"
 
 
-class Conflict(CollectorError):
+class ConflictError(CollectorError):
     status = 409
     default_code = "conflict"
 
 
-class TooLarge(CollectorError):
+class TooLargeError(CollectorError):
     status = 413
     default_code = "body_too_large"
 
 
-class RangeNotSatisfiable(CollectorError):
+class RangeNotSatisfiableError(CollectorError):
     status = 416
     default_code = "range_not_satisfiable"
 
 
-class Unprocessable(CollectorError):
+class UnprocessableError(CollectorError):
     status = 422
     default_code = "invalid"
 
@@ -86,7 +92,7 @@ class StorageError(CollectorError):
     default_code = "storage_error"
 
 
-class StorageFull(StorageError):
+class StorageFullError(StorageError):
     """No space left: 507 (RFC 4918 section 11.5); the agent keeps its spool and retries."""
 
     status = 507

@@ -21,8 +21,8 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sshaudit.collector.problems import Unauthorized
-from sshaudit.collector.storage.base import Storage, TokenKind, TokenRecord
+from sshaudit.collector.problems import UnauthorizedError
+from sshaudit.collector.storage import Storage, TokenKind, TokenRecord
 from sshaudit.errors import UsageError
 
 SECRET_LEN = 32
@@ -87,19 +87,19 @@ def parse_ttl(text: str) -> timedelta | None:
 
 
 def authenticate(storage: Storage, token: str, now: datetime) -> TokenRecord:
-    """The stored record of a valid token, or :class:`Unauthorized`."""
+    """The stored record of a valid token, or :class:`UnauthorizedError`."""
     if not looks_like_token(token):
-        raise Unauthorized("not an sshaudit token", code="invalid_token")
+        raise UnauthorizedError("not an sshaudit token", code="invalid_token")
     digest = token_digest(token)
     record = storage.token_by_digest(digest)
     if record is None or not hmac.compare_digest(record.digest, digest):
-        raise Unauthorized("unknown token", code="invalid_token")
+        raise UnauthorizedError("unknown token", code="invalid_token")
     if record.revoked_at is not None:
-        raise Unauthorized("this token was revoked", code="token_revoked")
+        raise UnauthorizedError("this token was revoked", code="token_revoked")
     if record.expires_at is not None and now >= record.expires_at:
-        raise Unauthorized("this token has expired", code="token_expired")
+        raise UnauthorizedError("this token has expired", code="token_expired")
     if record.kind is TokenKind.AGENT and record.used_at is not None:
-        raise Unauthorized("this enrollment token was already used", code="token_used")
+        raise UnauthorizedError("this enrollment token was already used", code="token_used")
     return record
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sshaudit.collector.problems import BadRequest, Forbidden, Unprocessable
+from sshaudit.collector.problems import BadRequestError, ForbiddenError, UnprocessableError
 from sshaudit.errors import SealedFormatError
 from sshaudit.sealed import (
     MAGIC,
@@ -60,15 +60,17 @@ class Prefix:
 def parse_prefix(body: bytes) -> Prefix:
     """Check that ``body`` is exactly magic + header length + header, and parse the header."""
     if len(body) < HEADER_START or body[: len(MAGIC)] != MAGIC:
-        raise BadRequest(
+        raise BadRequestError(
             "the recording must start with the sealed format's magic and version",
             code="malformed_prefix",
         )
     (n,) = _U32.unpack_from(body, len(MAGIC))
     if not 2 <= n <= MAX_HEADER:
-        raise BadRequest(f"header length {n} out of range (2..{MAX_HEADER})", code="malformed_prefix")
+        raise BadRequestError(
+            f"header length {n} out of range (2..{MAX_HEADER})", code="malformed_prefix"
+        )
     if len(body) != HEADER_START + n:
-        raise BadRequest(
+        raise BadRequestError(
             f"the prefix must be exactly the magic, the header length and the {n}-byte header "
             f"({HEADER_START + n} bytes), not {len(body)} bytes",
             code="malformed_prefix",
@@ -76,29 +78,29 @@ def parse_prefix(body: bytes) -> Prefix:
     try:
         header = parse_header(body[HEADER_START:])
     except SealedFormatError as exc:
-        raise BadRequest(str(exc), code="malformed_header") from exc
+        raise BadRequestError(str(exc), code="malformed_header") from exc
     return Prefix(header, len(body))
 
 
 def check_header(header: SealedHeader, *, session_id: str, host_id: str, host_key: bytes) -> None:
     """The header must name this session and this host, and carry its enrolled key."""
     if header.host_id != host_id:
-        raise Forbidden(
+        raise ForbiddenError(
             "the recording's host_id is not the host this credential belongs to",
             code="foreign_session",
         )
     if header.session_id != session_id:
-        raise Unprocessable(
+        raise UnprocessableError(
             "the recording's session_id does not match the URL", code="session_id_mismatch"
         )
     if header.host_key is None:
-        raise Unprocessable(
+        raise UnprocessableError(
             "the recording is not signed (no host_key in its header); the collector accepts "
             "signed recordings only",
             code="unsigned_recording",
         )
     if header.host_key != host_key:
-        raise Unprocessable(
+        raise UnprocessableError(
             "the recording's host_key is not this host's enrolled key", code="host_key_mismatch"
         )
 
@@ -113,8 +115,8 @@ class ChunkScan:
     signature: bytes | None
 
 
-def _malformed(message: str) -> BadRequest:
-    return BadRequest(message, code="malformed_chunk")
+def _malformed(message: str) -> BadRequestError:
+    return BadRequestError(message, code="malformed_chunk")
 
 
 def scan_chunk(chunk: bytes | memoryview) -> ChunkScan:
@@ -157,9 +159,11 @@ def parse_trailer(doc: bytes) -> bytes:
         sig = base64.b64decode(sig_b64, validate=True)
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, binascii.Error, RecursionError):
         # json raises RecursionError, not ValueError, for deeply nested input.
-        raise Unprocessable("the signature trailer is not valid", code="malformed_trailer") from None
+        raise UnprocessableError(
+            "the signature trailer is not valid", code="malformed_trailer"
+        ) from None
     if alg != "Ed25519" or len(sig) != SIGNATURE_LEN:
-        raise Unprocessable(
+        raise UnprocessableError(
             "the signature trailer is not an Ed25519 signature", code="malformed_trailer"
         )
     return sig
@@ -177,7 +181,7 @@ def verify_signature(host_key: bytes, digest: bytes, signature: bytes) -> None:
     try:
         Ed25519PublicKey.from_public_bytes(host_key).verify(signature, digest)
     except (InvalidSignature, ValueError):
-        raise Unprocessable(
+        raise UnprocessableError(
             "the signature trailer does not verify with this host's enrolled key over the "
             "recording as stored: the recording was altered, reordered or cut",
             code="signature_invalid",

@@ -1,6 +1,6 @@
 """Session records, authentication events and the export feed in the embedded database.
 
-Invariants (storage/base.py): a stored record keeps its host; a finished record and every
+Invariants (storage.py): a stored record keeps its host; a finished record and every
 event are immutable (a re-send of the same content is "unchanged"/"duplicate"); a batch of
 events is stored whole or not at all; queries use only fixed column names, every value a
 parameter; pages are newest first by a keyset ``(time, id)``, so a page costs one index
@@ -16,8 +16,8 @@ from datetime import datetime
 from typing import Any
 
 from sshaudit.collector.models import AuthEvent, SessionRecord, parse_time, to_us
-from sshaudit.collector.problems import Conflict, Forbidden
-from sshaudit.collector.storage.base import (
+from sshaudit.collector.problems import ConflictError, ForbiddenError
+from sshaudit.collector.storage import (
     AUTH_EVENT_FILTERS,
     SESSION_FILTERS,
     AuthEventQuery,
@@ -29,7 +29,7 @@ from sshaudit.collector.storage.base import (
     StoredAuthEvent,
     StoredSession,
 )
-from sshaudit.collector.storage.sqlite_db import Database, dt, dt_req, ts
+from sshaudit.collector.storage_sqlite_db import Database, dt, dt_req, ts
 
 _SESSION_COLS = tuple(SessionRecord.model_fields)
 _EVENT_COLS = tuple(AuthEvent.model_fields)
@@ -45,10 +45,19 @@ _REC_COLS = (
 )
 # One SELECT for a session and its recording: the recording's columns get an r_ prefix.
 _SESSION_SELECT = (
-    "SELECT s.*, "
+    "SELECT s.*, "  # noqa: S608 - fixed column names
     + ", ".join(f"r.{c} AS r_{c}" for c in _REC_COLS)
     + " FROM sessions s LEFT JOIN recordings r ON r.session_id = s.session_id"
 )
+
+
+def _insert(con: sqlite3.Connection, table: str, values: Mapping[str, object]) -> None:
+    # Table and column names come from this module and the models' field names, never from
+    # a request; every value is a parameter.
+    cols = ", ".join(values)
+    marks = ", ".join("?" for _ in values)
+    sql = f"INSERT INTO {table} ({cols}) VALUES ({marks})"  # noqa: S608
+    con.execute(sql, tuple(values.values()))
 
 
 def _session_values(record: SessionRecord) -> dict[str, Any]:
@@ -155,13 +164,13 @@ class RecordsDatabase(Database):
             if row is not None:
                 old = _session_record(row)
                 if old.target_id != record.target_id:
-                    raise Forbidden(
+                    raise ForbiddenError(
                         "this session belongs to another host", code="foreign_session"
                     )
                 if old == record:
                     return PutOutcome.UNCHANGED
                 if old.recording_status.value != "recording":
-                    raise Conflict(
+                    raise ConflictError(
                         f"the session record is final ({old.recording_status.value}) and "
                         "cannot change",
                         code="record_immutable",
@@ -173,22 +182,16 @@ class RecordsDatabase(Database):
             )
             if row is None:
                 values["received_at"] = ts(at)
-                cols = ", ".join(values)
-                marks = ", ".join("?" for _ in values)
-                con.execute(f"INSERT INTO sessions ({cols}) VALUES ({marks})", tuple(values.values()))  # noqa: S608 - fixed column names
+                _insert(con, "sessions", values)
                 return PutOutcome.CREATED
             sets = ", ".join(f"{c} = ?" for c in values)
-            con.execute(
-                f"UPDATE sessions SET {sets} WHERE session_id = ?",  # noqa: S608 - fixed names
-                (*values.values(), record.session_id),
-            )
+            sql = f"UPDATE sessions SET {sets} WHERE session_id = ?"  # noqa: S608 - see _insert
+            con.execute(sql, (*values.values(), record.session_id))
             return PutOutcome.UPDATED
 
     def get_session(self, session_id: str) -> StoredSession | None:
         with self._read() as con:
-            row = con.execute(
-                _SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)
-            ).fetchone()
+            row = con.execute(_SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)).fetchone()
         return None if row is None else _stored_session(row)
 
     def query_sessions(self, query: SessionQuery) -> list[StoredSession]:
@@ -216,7 +219,7 @@ class RecordsDatabase(Database):
                 ).fetchone()
                 if row is not None:
                     if _stored_event(row).event != event:
-                        raise Conflict(
+                        raise ConflictError(
                             f"event {event.event_id} is stored with other content",
                             code="event_conflict",
                             extra={"event_id": event.event_id},
@@ -229,12 +232,7 @@ class RecordsDatabase(Database):
                     received_at=ts(at),
                     seq=self._next_seq(con),
                 )
-                cols = ", ".join(values)
-                marks = ", ".join("?" for _ in values)
-                con.execute(
-                    f"INSERT INTO auth_events ({cols}) VALUES ({marks})",  # noqa: S608
-                    tuple(values.values()),
-                )
+                _insert(con, "auth_events", values)
                 added += 1
         return added, duplicates
 
@@ -249,7 +247,8 @@ class RecordsDatabase(Database):
             query.until_us,
             query.after,
         )
-        sql = f"SELECT * FROM auth_events{where} ORDER BY created_us DESC, event_id DESC LIMIT ?"  # noqa: S608
+        order = " ORDER BY created_us DESC, event_id DESC LIMIT ?"
+        sql = f"SELECT * FROM auth_events{where}{order}"  # noqa: S608 - see _where
         with self._read() as con:
             rows = con.execute(sql, (*params, query.limit)).fetchall()
         return [_stored_event(r) for r in rows]

@@ -10,7 +10,7 @@ Invariants:
 - :meth:`BlobWriter.write_at` writes at the committed length given by the caller (the
   database), first cutting off any tail a crash left between the write and the commit
   (bytes never acknowledged, never served), then fsyncs: when it returns, the bytes are
-  durable; ``ENOSPC``/``EDQUOT`` become :class:`StorageFull`, other I/O errors
+  durable; ``ENOSPC``/``EDQUOT`` become :class:`StorageFullError`, other I/O errors
   :class:`StorageError`, and the file is cut back to the committed length.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sshaudit.collector.ids import is_host_id, is_session_id
-from sshaudit.collector.problems import BadRequest, StorageError, StorageFull
+from sshaudit.collector.problems import BadRequestError, StorageError, StorageFullError
 
 SUFFIX = ".sealed"
 READ_BLOCK = 256 * 1024
@@ -35,13 +35,13 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def _os_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in _FULL:
-        return StorageFull(f"the collector's disk is full ({what})")
+        return StorageFullError(f"the collector's disk is full ({what})")
     return StorageError(f"storage I/O error ({what}): {os.strerror(exc.errno or 0)}")
 
 
 def _names(host_id: str, session_id: str) -> tuple[str, str]:
     if not is_host_id(host_id) or not is_session_id(session_id):
-        raise BadRequest("invalid host or session id", code="invalid_id")
+        raise BadRequestError("invalid host or session id", code="invalid_id")
     return host_id, session_id + SUFFIX
 
 

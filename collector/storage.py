@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from sshaudit.collector.models import AuthEvent, SessionRecord
@@ -200,10 +201,13 @@ AUTH_EVENT_FILTERS = ("user_email", "unix_user", "target_id", "ip_address", "met
 
 class Storage(Protocol):
     """What the collector needs from a backend. Methods raise
-    :class:`~sshaudit.collector.problems.CollectorError` subclasses: ``Conflict`` and
-    ``Forbidden`` for the rules above, ``StorageError``/``StorageFull`` for failures."""
+    :class:`~sshaudit.collector.problems.CollectorError` subclasses: ``ConflictError`` and
+    ``ForbiddenError`` for the rules above, ``StorageError``/``StorageFullError`` for failures."""
 
     def close(self) -> None: ...
+    def ping(self) -> None:
+        """Raise StorageError unless the backend answers (for /healthz)."""
+        ...
 
     # --- tokens and hosts
     def add_token(self, token: TokenRecord) -> None: ...
@@ -211,7 +215,7 @@ class Storage(Protocol):
     def list_tokens(self) -> list[TokenRecord]: ...
     def revoke_token(self, token_id: str, at: datetime) -> TokenRecord | None: ...
     def enroll_host(self, enrollment: TokenRecord, host: Host, credential: TokenRecord) -> None:
-        """Atomically: mark ``enrollment`` used (Conflict if it already is, or is revoked),
+        """Atomically: mark ``enrollment`` used (ConflictError if it already is, or is revoked),
         add ``host`` and its ``credential``."""
         ...
 
@@ -231,14 +235,14 @@ class Storage(Protocol):
 
     # --- session records and authentication events
     def put_session(self, record: SessionRecord, at: datetime) -> PutOutcome:
-        """Create or update. Forbidden (``foreign_session``) if the stored record has another
-        ``target_id``; Conflict (``record_immutable``) if it is finished and differs."""
+        """Create or update. ForbiddenError (``foreign_session``) if the stored record has another
+        ``target_id``; ConflictError (``record_immutable``) if it is finished and differs."""
         ...
 
     def get_session(self, session_id: str) -> StoredSession | None: ...
     def query_sessions(self, query: SessionQuery) -> list[StoredSession]: ...
     def add_auth_events(self, events: Sequence[AuthEvent], at: datetime) -> tuple[int, int]:
-        """Store new events, all or none; returns (added, duplicates). Conflict
+        """Store new events, all or none; returns (added, duplicates). ConflictError
         (``event_conflict``) if an ``event_id`` is stored with other content."""
         ...
 
@@ -261,7 +265,7 @@ class Storage(Protocol):
         seal: bool,
     ) -> RecordingInfo:
         """Append ``data`` (``frames`` whole frames, and the trailer if ``seal``) at exactly
-        ``offset``; Conflict with ``extra={"length": ...}`` if that is not the committed
+        ``offset``; ConflictError with ``extra={"length": ...}`` if that is not the committed
         length (another writer won), or if the recording is sealed."""
         ...
 
@@ -278,3 +282,12 @@ class Storage(Protocol):
 
     # --- export feed
     def changes(self, after_seq: int, limit: int) -> list[Change]: ...
+
+
+def open_storage(data_dir: Path) -> Storage:
+    """The storage of a collector state directory (made by ``sshaudit-collector init``).
+    Only this function knows which backend serves it (today always the embedded SQLite
+    database and recording files inside it), so the fleet backend plugs in here."""
+    from sshaudit.collector.storage_sqlite import SqliteStorage
+
+    return SqliteStorage(data_dir)

@@ -9,13 +9,14 @@ Invariants:
   for one operation; every write runs in ``BEGIN IMMEDIATE`` (the write lock up front, so
   two writers never deadlock upgrading read locks), committed or rolled back as a whole;
 - every statement is parameterised: no value is ever formatted into SQL text;
-- SQLite errors are translated at this boundary (:class:`StorageFull` for a full disk,
+- SQLite errors are translated at this boundary (:class:`StorageFullError` for a full disk,
   :class:`StorageError` otherwise); ``IntegrityError`` passes through for callers to judge.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sqlite3
 from collections.abc import Iterator
@@ -23,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sshaudit.collector.models import format_time, parse_time
-from sshaudit.collector.problems import StorageError, StorageFull
-from sshaudit.collector.storage.sqlite_schema import MIGRATIONS
+from sshaudit.collector.problems import StorageError, StorageFullError
+from sshaudit.collector.storage_sqlite_schema import MIGRATIONS
 
 BUSY_TIMEOUT_S = 30.0
 _FULL_CODES = {13}  # SQLITE_FULL (https://sqlite.org/rescode.html#full)
@@ -45,7 +46,7 @@ def dt_req(text: str) -> datetime:
 def _translate(exc: sqlite3.Error) -> StorageError:
     code = getattr(exc, "sqlite_errorcode", None)
     if code in _FULL_CODES or "database or disk is full" in str(exc):
-        return StorageFull("the collector's disk is full (database)")
+        return StorageFullError("the collector's disk is full (database)")
     return StorageError(f"database error: {exc}")
 
 
@@ -54,6 +55,9 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # 0600 from the start: SQLite gives its -wal and -shm files the database's mode.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         with self._conn() as con:
@@ -127,6 +131,10 @@ class Database:
             with contextlib.suppress(sqlite3.Error):
                 con.close()
         self._all.clear()
+
+    def ping(self) -> None:
+        with self._read() as con:
+            con.execute("SELECT 1 FROM policy").fetchone()
 
     def schema_version(self) -> int:
         with self._read() as con:
