@@ -9,7 +9,11 @@ Invariants:
   last frame and the signature trailer are;
 - whatever ends the conversation (END, EOF, a protocol error, a disk error, the daemon
   stopping, a bug), the file is closed and the record written with the matching status:
-  ``complete``, ``recorder_lost`` or ``truncated``.
+  ``complete``, ``recorder_lost`` or ``truncated``;
+- the identity (certificate key id, serial, fingerprints) comes from root's copy of sshd's
+  auth info, sent by the PAM hook, whenever the connection's PAM open carried one; the
+  recorder's copy (the user-owned SSH_USER_AUTH file) only when none did. A disagreement is
+  logged and noted in the record's ``error`` (:func:`choose_identity`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
+from enum import Enum
 from typing import Any, Protocol, TypeVar
 
 from sshaudit.agent import protocol
@@ -40,7 +46,58 @@ REFUSE_FULL = "the recording spool is full"
 REFUSE_PEER = "this process may not open a recording (not started by sshd for this user)"
 REFUSE_ERROR = "the recording service failed to start a recording"
 REFUSE_PROTOCOL = "the recorder and the recording service do not understand each other"
+NOTE_MISMATCH = (
+    "identity: the recorder's SSH_USER_AUTH differs from sshd's (PAM); sshd's is recorded"
+)
+NOTE_ALTERED = (
+    "identity: sshd's auth info was altered before the PAM hook saw it "
+    "(a pam_env line before the hook?); no identity recorded"
+)
 T = TypeVar("T")
+
+
+class IdentitySource(Enum):
+    PAM = "pam"  # SSH_AUTH_INFO_0, passed on by the PAM hook (root)
+    RECORDER = "recorder"  # the SSH_USER_AUTH file, read by the recorder (the user)
+
+
+@dataclass(frozen=True)
+class Identity:
+    auth: AuthInfo | None
+    source: IdentitySource
+    note: str | None  # for the record's error field: why the identity is in doubt
+    problem: str | None = None  # for the daemon's log: what was unreadable
+
+
+def _parse_auth(text: str) -> tuple[AuthInfo | None, str | None]:
+    try:
+        return parse_user_auth(text), None
+    except FormatError as exc:
+        return None, str(exc)
+
+
+def choose_identity(pam_text: str | None, recorder_text: str) -> Identity:
+    """The session's identity, sans-IO: root's copy when the PAM open carried one.
+
+    sshd ends every method line of its auth info with a newline (auth2.c,
+    auth2_update_session_info) and pam_env(8) cannot write one, so a non-empty PAM value
+    without it was rewritten (or cut at 64 KiB) by a module before the hook: it names
+    nobody, and the recorder's copy is not trusted either. The recorder's copy is compared
+    only when it is non-empty (it is empty with ``ExposeAuthInfo no``).
+    """
+    recorder, recorder_err = _parse_auth(recorder_text)
+    if pam_text is None:
+        return Identity(recorder, IdentitySource.RECORDER, None, recorder_err)
+    if pam_text and not pam_text.endswith("\n"):
+        return Identity(None, IdentitySource.PAM, NOTE_ALTERED, "SSH_AUTH_INFO_0 altered")
+    pam, pam_err = _parse_auth(pam_text)
+    if not recorder_text:
+        agree = True
+    elif pam_err is None and recorder_err is None:
+        agree = pam == recorder
+    else:
+        agree = pam_text.strip() == recorder_text.strip()
+    return Identity(pam, IdentitySource.PAM, None if agree else NOTE_MISMATCH, pam_err)
 
 
 class Daemon(Protocol):
@@ -152,6 +209,7 @@ class RecorderConnection:
         self.file: SpoolFile | None = None
         self.sink: SpoolSink | None = None
         self.lineage: Lineage | None = None
+        self.identity: Identity | None = None
         self.spool_error: str | None = None
 
     async def _send(self, msg_type: MsgType, doc: dict[str, Any]) -> None:
@@ -182,15 +240,35 @@ class RecorderConnection:
             return await self._refuse(REFUSE_ERROR, f"cannot create the recording: {exc}")
         await self._record(start, rest)
 
+    def _identity(self, hello: Hello, session_id: str) -> Identity:
+        assert self.lineage is not None and self.d.reconciler is not None
+        pam_text = self.d.reconciler.auth_info(self.lineage.priv_pid)
+        ident = choose_identity(pam_text, hello.ssh_user_auth)
+        if ident.problem:
+            log.warning(
+                "session %s: %s auth info unreadable: %s",
+                session_id,
+                ident.source.value,
+                ident.problem,
+            )
+        if ident.note:
+            log.warning(
+                "session %s: pid %d priv_pid %d: %s; PAM gave %r, the recorder %r",
+                session_id,
+                self.cred.pid,
+                self.lineage.priv_pid,
+                ident.note,
+                (pam_text or "")[:300],
+                hello.ssh_user_auth[:300],
+            )
+        return ident
+
     def _meta(self, hello: Hello) -> SessionMeta:
         assert self.lineage is not None
-        auth: AuthInfo | None = None
-        try:
-            auth = parse_user_auth(hello.ssh_user_auth)
-        except FormatError as exc:
-            log.warning("pid %d: SSH_USER_AUTH unreadable: %s", self.cred.pid, exc)
+        session_id = str(uuid.uuid4())
+        self.identity = self._identity(hello, session_id)
         return SessionMeta(
-            session_id=str(uuid.uuid4()),
+            session_id=session_id,
             target_id=self.d.config.host_id,
             hostname=self.d.hostname,
             unix_user=self.lineage.user,
@@ -198,7 +276,7 @@ class RecorderConnection:
             priv_pid=self.lineage.priv_pid,
             started_at=self.d.wall(),
             hello=hello,
-            auth=auth,
+            auth=self.identity.auth,
         )
 
     async def _open(self, hello: Hello) -> SessionRecord:
@@ -215,13 +293,21 @@ class RecorderConnection:
         self.file = file = await self.d.io(self.d.spool.create_recording, meta.session_id)
         try:
             await self.d.append(file, self.session.start(asyncio.get_running_loop().time()))
-            record = meta.record()
+            record = self._with_identity(meta.record())
             await self.d.write_record(record)
         except OSError:
             file.close()  # the header-only file stays: the next start closes it as truncated
             raise
         self.sink = SpoolSink(lambda data: self.d.append(file, data), SINK_LIMIT)
         return record
+
+    def _with_identity(self, record: SessionRecord) -> SessionRecord:
+        """The identity's source in the details, its doubt (if any) in ``error``."""
+        assert self.identity is not None
+        note = self.identity.note
+        details = {**record.details, "identity_source": self.identity.source.value}
+        error = "; ".join(e for e in (record.error, note) if e) or None
+        return replace(record, details=details, error=error)
 
     async def _record(self, start: SessionRecord, pending: list[Message]) -> None:
         assert self.session is not None and self.lineage is not None
@@ -345,6 +431,7 @@ class RecorderConnection:
             end=end,
             finished_at=d.wall(),
         )
+        record = self._with_identity(record)
         try:
             await d.write_record(record)
         except OSError as exc:

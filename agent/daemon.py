@@ -39,7 +39,7 @@ import psutil
 
 from sshaudit.agent import protocol
 from sshaudit.agent.config import AgentConfig, SealingKeys, load_config, load_sealing_keys
-from sshaudit.agent.connection import Inbox, RecorderConnection
+from sshaudit.agent.connection import Inbox, RecorderConnection, choose_identity
 from sshaudit.agent.peer import (
     AncestryCheck,
     Lineage,
@@ -235,18 +235,21 @@ class AgentDaemon:
     async def handle_findings(self, findings: list[Finding]) -> None:
         for f in findings:
             if f.kind is FindingKind.UNRECORDED:
-                record = SessionRecord(
-                    session_id=f.record_id,
-                    unix_user=f.pam.user,
-                    target_id=self.config.host_id,
-                    hostname=self.hostname,
-                    client_address=f.pam.rhost,
-                    session_start=rfc3339(f.pam.at),
-                    recording_status=RecordingStatus.UNRECORDED,
-                    error=f.detail,
-                    spool_state=SpoolState.NONE,
-                    priv_pid=f.pam.priv_pid,
-                    details={"pam_service": f.pam.service, "detected_at": rfc3339(f.at)},
+                record = _with_pam_identity(
+                    SessionRecord(
+                        session_id=f.record_id,
+                        unix_user=f.pam.user,
+                        target_id=self.config.host_id,
+                        hostname=self.hostname,
+                        client_address=f.pam.rhost,
+                        session_start=rfc3339(f.pam.at),
+                        recording_status=RecordingStatus.UNRECORDED,
+                        error=f.detail,
+                        spool_state=SpoolState.NONE,
+                        priv_pid=f.pam.priv_pid,
+                        details={"pam_service": f.pam.service, "detected_at": rfc3339(f.at)},
+                    ),
+                    f.pam,
                 )
                 log.warning("session %s unrecorded: %s %s", f.record_id, f.detail, _pam_desc(f.pam))
             else:
@@ -272,6 +275,29 @@ class AgentDaemon:
         for sid in dropped:
             log.warning("spool full: dropped the recording of session %s (record kept)", sid)
         return ok
+
+
+def _with_pam_identity(record: SessionRecord, pam: PamEvent) -> SessionRecord:
+    """An unrecorded session still says who it was: the identity root saw at PAM open."""
+    if pam.auth_info is None:
+        return record
+    ident = choose_identity(pam.auth_info, "")
+    auth = ident.auth
+    cert = auth.certificate if auth else None
+    details = {
+        **record.details,
+        "identity_source": ident.source.value,
+        "key_fingerprint": auth.key_fingerprint if auth else "",
+    }
+    return replace(
+        record,
+        user_email=auth.user_email if auth else "",
+        cert_serial=cert.serial if cert else None,
+        cert_fingerprint=cert.fingerprint if cert else "",
+        principal=auth.principal_for(record.unix_user) if auth else "",
+        error="; ".join(e for e in (record.error, ident.note) if e) or None,
+        details=details,
+    )
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -9,7 +9,9 @@ connects from under that same ``[priv]`` process. One PAM session carries N reco
   down: a queued event) becomes an ``unrecorded`` record (:class:`Finding`), whose finish time
   is filled in when the PAM session closes;
 - a recorder that disconnects without END is ``recorder_lost``, whatever PAM says, with the
-  reason telling whether its SSH session was still open.
+  reason telling whether its SSH session was still open;
+- the PAM open's ``auth_info`` (sshd's SSH_AUTH_INFO_0, seen by root) stays available to the
+  recordings of that connection (:meth:`Reconciler.auth_info`): their identity source.
 
 Invariants: the clock (monotonic seconds, for the grace period), the wall clock (for the
 records) and the id generator are parameters; nothing here does I/O; state is bounded by the
@@ -27,6 +29,7 @@ from typing import Any
 
 from sshaudit.agent.protocol import ProtocolError
 from sshaudit.agent.spool import RecordingStatus
+from sshaudit.agent.sshcert import MAX_AUTH_INFO
 
 MAX_FIELD = 1024
 
@@ -56,6 +59,8 @@ class PamEvent:
     priv_pid: int
     at: datetime
     queued: bool = False
+    # sshd's SSH_AUTH_INFO_0 as root saw it (open_session only); None: the hook sent none
+    auth_info: str | None = None
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], at: datetime, queued: bool = False) -> PamEvent:
@@ -68,6 +73,9 @@ class PamEvent:
         pid = doc.get("priv_pid")
         if type(pid) is not int or not 1 <= pid < 1 << 31:
             raise ProtocolError("PAM: priv_pid must be a positive integer")
+        auth_info = doc.get("auth_info")
+        if auth_info is not None and not isinstance(auth_info, str):
+            raise ProtocolError("PAM: auth_info must be a string")
         return cls(
             phase=phase,
             user=_text(doc, "user"),
@@ -77,6 +85,9 @@ class PamEvent:
             priv_pid=pid,
             at=at,
             queued=queued,
+            # cut, not refused: a cut value no longer ends with a newline, so it is never
+            # taken for sshd's (agent/connection.py choose_identity)
+            auth_info=None if auth_info is None else auth_info[:MAX_AUTH_INFO],
         )
 
 
@@ -171,6 +182,11 @@ class Reconciler:
         if closing:
             return "the SSH session closed without a recorder ever connecting"
         return f"no recorder connected within {self._grace:g} s of the session opening"
+
+    def auth_info(self, priv_pid: int | None) -> str | None:
+        """sshd's SSH_AUTH_INFO_0 from the PAM open of this SSH connection, if known."""
+        tracked = None if priv_pid is None else self._sessions.get(priv_pid)
+        return None if tracked is None else tracked.opened.auth_info
 
     def recorder_started(self, priv_pid: int | None, session_id: str) -> list[Finding]:
         if priv_pid is None:

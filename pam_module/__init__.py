@@ -6,8 +6,9 @@ daemon, independently of the recorder, that a session opened and closed for user
 address A, so the daemon can record a session that never got a recorder (``unrecorded``) or
 whose recorder vanished (``recorder_lost``): never silently missing.
 
-Add to ``/etc/pam.d/sshd`` (``sshaudit-agent enroll`` does it), after the existing
-``session`` lines::
+Add to ``/etc/pam.d/sshd`` (``sshaudit-agent enroll`` does it), as the first ``session``
+line, before every ``pam_env.so`` line (Debian's ``pam_env.so user_readenv=1`` lets the user's
+``~/.pam_environment`` rewrite ``SSH_AUTH_INFO_0``, the identity the hook passes on)::
 
     session optional pam_exec.so quiet /usr/bin/python3 -I -S HOOK \
         --socket /run/sshaudit/agent.sock --spool-dir /var/spool/sshaudit

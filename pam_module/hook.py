@@ -12,6 +12,18 @@ Invariants:
 - when the daemon cannot be reached, a session event is appended to ``pam-queue.jsonl`` in
   the spool directory (root-only; checked before use), and the daemon reconciles it when it
   starts, so a session opened while the daemon was down is still recorded as ``unrecorded``;
+- at ``open_session`` it also sends ``auth_info``: sshd's ``SSH_AUTH_INFO_0`` (the content of
+  the ``SSH_USER_AUTH`` file, which the user owns and can rewrite, e.g. from another channel
+  of a multiplexed connection), at most 64 KiB, so the daemon takes the session's identity
+  (certificate key id, serial, fingerprint) from root's copy. sshd puts it in the PAM
+  environment before ``pam_open_session``, but any PAM module before the hook may change it:
+  Debian's ``pam_env.so user_readenv=1`` reads the user's own ``~/.pam_environment``. So the
+  hook's line must come before every ``pam_env.so`` line of the session stack (the daemon
+  also rejects a value sshd cannot have written: sshd ends each method line with a newline,
+  auth2.c, and pam_env cannot write one);
+- the PAM items it reads (``PAM_USER``, ``PAM_TYPE``...) cannot be forged the same way:
+  pam_exec(8) appends them after the PAM environment, and CPython's ``os.environ`` keeps the
+  last of duplicate entries;
 - it imports only a few standard modules (no json, no re, no package code), because it runs
   on every login: start with ``python3 -I -S``. The message framing is the one in
   ``sshaudit/agent/protocol.py`` (u8 type, u32 big-endian length, JSON payload), restated
@@ -37,6 +49,7 @@ DEFAULT_TIMEOUT = 1.0
 PHASES = ("open_session", "close_session", "account")
 QUEUED_PHASES = ("open_session", "close_session")
 MAX_FIELD = 1024
+MAX_AUTH_INFO = 64 * 1024  # as the recorder's SSH_USER_AUTH copy (agent/record.py)
 
 USAGE = """\
 usage: hook.py [--config FILE] [--socket PATH] [--spool-dir DIR] [--timeout SECONDS]
@@ -80,7 +93,7 @@ def build_event(environ: Mapping[str, str], priv_pid: int, now: float) -> dict[s
     def get(name: str) -> str:
         return environ.get(name, "")[:MAX_FIELD]
 
-    return {
+    event: dict[str, str | int] = {
         "phase": get("PAM_TYPE"),
         "user": get("PAM_USER"),
         "rhost": get("PAM_RHOST"),
@@ -89,6 +102,11 @@ def build_event(environ: Mapping[str, str], priv_pid: int, now: float) -> dict[s
         "priv_pid": priv_pid,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
     }
+    if event["phase"] == "open_session":
+        # Always sent, even empty: the daemon then knows root's copy exists and never
+        # falls back to the user's SSH_USER_AUTH file for this connection.
+        event["auth_info"] = environ.get("SSH_AUTH_INFO_0", "")[:MAX_AUTH_INFO]
+    return event
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str] | None:

@@ -27,6 +27,7 @@ ENV = {
     "PAM_RHOST": "192.0.2.44",
     "PAM_SERVICE": "sshd",
     "PAM_TTY": "ssh",
+    "SSH_AUTH_INFO_0": "publickey ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\n",
 }
 
 
@@ -46,6 +47,7 @@ def test_framing_matches_the_protocol_module() -> None:
         "tty": "ssh",
         "priv_pid": 1234,
         "time": "1970-01-01T00:00:00Z",
+        "auth_info": "publickey ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\n",
     }
 
 
@@ -60,6 +62,10 @@ def test_json_string_is_json(text: str) -> None:
 def test_long_fields_are_cut_and_missing_ones_empty() -> None:
     event = hook.build_event({"PAM_TYPE": "close_session", "PAM_USER": "x" * 5000}, 1, 0.0)
     assert len(str(event["user"])) == hook.MAX_FIELD and event["rhost"] == ""
+    assert "auth_info" not in event  # root's copy of the identity: at open_session only
+    event = hook.build_event({"PAM_TYPE": "open_session", "SSH_AUTH_INFO_0": "y" * 70000}, 1, 0)
+    assert event["auth_info"] == "y" * hook.MAX_AUTH_INFO
+    assert hook.build_event({"PAM_TYPE": "open_session"}, 1, 0)["auth_info"] == ""
 
 
 def test_parse_args() -> None:
