@@ -6,8 +6,10 @@ HELLO -> ACCEPT/REFUSE ... END -> DONE), runs it through the pty or pipe relay, 
 with the child's exit status, or dies by the child's signal so sshd reports exit-signal.
 
 Invariants:
-- standard library only, and relays imported only for the session type that needs them:
-  this runs on every login (DESIGN.md "Performance facts");
+- standard library only, its cheap modules only (no dataclasses, enum, typing, json,
+  tomllib, contextlib, signal or socket: agent/protocol.py says why and what stands in),
+  and relays imported only for the session type that needs them: this runs on every login
+  (DESIGN.md "Performance facts"; tests/test_recorder_startup.py holds the line);
 - nothing runs unrecorded unless the policy says so (``on_daemon_down = "allow"`` or a
   break-glass user): otherwise a one-line reason on stderr and exit status 1;
 - an unrecorded session is the program itself (exec, no relay): exactly what sshd runs;
@@ -21,10 +23,9 @@ import os
 import pwd
 import sys
 import time
-from dataclasses import dataclass
-from enum import Enum
 
 from sshaudit.agent import protocol
+from sshaudit.agent.protocol import Frozen, StrCode, member
 from sshaudit.agent.recorder_config import DEFAULT_CONFIG, RecorderConfig, load
 from sshaudit.agent.relay_common import ChildStatus, RelayResult, Sink, say
 from sshaudit.errors import ConfigError, UsageError
@@ -33,7 +34,7 @@ from sshaudit.errors import ConfigError, UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from typing import Any
+    from typing import Any, ClassVar
 
 
 HANDSHAKE_TIMEOUT = 2.0  # seconds for connect + ACCEPT (issue3.md)
@@ -103,18 +104,19 @@ SEE ALSO
 """
 
 
-class ProgramType(Enum):
-    """DESIGN.md session field ``program_type``."""
+class ProgramType(StrCode):
+    """DESIGN.md session field ``program_type``.
+    (A StrCode, not an Enum: enum costs ~5 ms at every login; agent/protocol.py.)"""
 
-    SHELL = "shell"
-    EXEC = "exec"
-    SUBSYSTEM = "subsystem"
+    SHELL: ClassVar[ProgramType] = member("shell")
+    EXEC: ClassVar[ProgramType] = member("exec")
+    SUBSYSTEM: ClassVar[ProgramType] = member("subsystem")
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Frozen):
     """What sshd would have run for this channel."""
 
+    __slots__ = ("program_type", "command", "path", "argv", "pty", "user", "shell")  # noqa: RUF023
     program_type: ProgramType
     command: str | None  # SSH_ORIGINAL_COMMAND as sshd gave it
     path: str  # the executable
@@ -123,18 +125,38 @@ class Plan:
     user: str
     shell: str
 
+    def __init__(
+        self,
+        program_type: ProgramType,
+        command: str | None,
+        path: str,
+        argv: tuple[str, ...],
+        pty: bool,
+        user: str,
+        shell: str,
+    ) -> None:
+        super().__init__(program_type, command, path, argv, pty, user, shell)
 
-@dataclass(frozen=True)
-class Accept:
+
+class Accept(Frozen):
+    __slots__ = ("session_id", "record_input", "exec_capture_cap", "exec_hash")  # noqa: RUF023
     session_id: str
     record_input: bool
     exec_capture_cap: int
     exec_hash: bool
 
+    def __init__(
+        self, session_id: str, record_input: bool, exec_capture_cap: int, exec_hash: bool
+    ) -> None:
+        super().__init__(session_id, record_input, exec_capture_cap, exec_hash)
 
-@dataclass(frozen=True)
-class Refuse:
+
+class Refuse(Frozen):
+    __slots__ = ("reason",)
     reason: str
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
 
 
 def parse_args(argv: Sequence[str]) -> str | None:
@@ -362,15 +384,23 @@ def exit_like(status: ChildStatus) -> int:
     """The exit status to leave with; dies by the child's signal when it died by one."""
     if status.signal is None:
         return status.exit_status if status.exit_status is not None else 1
-    import contextlib
     import resource
-    import signal
+
+    if TYPE_CHECKING:
+        import signal
+    else:
+        import _signal as signal  # not signal: see relay_common (enum)
 
     # Our death is not a crash: no core file of the recorder for SIGSEGV/SIGABRT/SIGQUIT.
-    with contextlib.suppress(OSError, ValueError):
+    # (try/except, not contextlib.suppress: contextlib costs start time, relay_common.say)
+    try:  # noqa: SIM105
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with contextlib.suppress(OSError, ValueError):  # SIGKILL's disposition cannot be set
+    except (OSError, ValueError):
+        pass
+    try:  # noqa: SIM105 (SIGKILL's disposition cannot be set)
         signal.signal(status.signal, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [status.signal])
     os.kill(os.getpid(), status.signal)
     return 128 + status.signal  # the signal did not end us (not a fatal one)

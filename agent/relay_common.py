@@ -1,7 +1,8 @@
 """Pieces shared by the recorder's two relays (pty: relay_pty, pipes: relay_exec).
 
 Invariants:
-- Standard library only: this runs on every login (DESIGN.md "Performance facts").
+- Standard library only, and only its cheap modules: this runs on every login (DESIGN.md
+  "Performance facts"; agent/protocol.py says what the usual ones cost and what stands in).
 - :class:`Sink` never raises into a relay: a failed send marks the daemon link lost, closes
   it (so the daemon sees EOF and can say ``recorder_lost``) and sends nothing more; the relay
   asks :meth:`Sink.take_end_request` whether the policy wants the session ended.
@@ -12,43 +13,50 @@ Invariants:
 from __future__ import annotations
 
 import _socket  # not socket: its enums and selectors cost ~7 ms at every login
-import contextlib
 import errno
 import os
 import select
-import signal
-from dataclasses import dataclass, field
+
+from sshaudit.agent.protocol import Frozen
 
 # typing costs start time at every login: it is imported for the type checker only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
     from collections.abc import Callable, Iterable, Mapping
     from types import FrameType, TracebackType
     from typing import Any
 
     Clock = Callable[[], float]
     """Seconds since the recorder started (monotonic): the times of DATA/RESIZE/MARKER."""
+else:
+    # Not signal: it wraps _signal to hand out enums, and enum costs ~5 ms at every login.
+    # _signal has the same functions and constants; handlers come back as plain ints.
+    import _signal
 
 
 # Signals a relay passes on to its child. sshd itself refuses "signal" channel requests
 # for forced commands, so these come from the system (shutdown, an admin's kill).
 FORWARDED_SIGNALS = (
-    signal.SIGHUP,
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
+    _signal.SIGHUP,
+    _signal.SIGTERM,
+    _signal.SIGINT,
+    _signal.SIGQUIT,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
 )
 LOST_MESSAGE = "sshaudit: the recording service is unavailable; ending the session"
 
 
-@dataclass(frozen=True)
-class ChildStatus:
+class ChildStatus(Frozen):
     """How the child ended: an exit status, or the signal that killed it."""
 
+    __slots__ = ("exit_status", "signal")  # field order: __init__'s (see Frozen)
     exit_status: int | None
     signal: int | None
+
+    def __init__(self, exit_status: int | None, signal: int | None) -> None:
+        super().__init__(exit_status, signal)
 
     @classmethod
     def from_wait(cls, status: int) -> ChildStatus:
@@ -57,23 +65,34 @@ class ChildStatus:
         return cls(os.WEXITSTATUS(status), None)
 
 
-@dataclass(frozen=True)
-class StreamStats:
+class StreamStats(Frozen):
     """What END reports for one byte stream (issue3.md)."""
 
+    __slots__ = ("bytes", "captured", "sha256")
     bytes: int
     captured: int
     sha256: str | None
+
+    def __init__(self, bytes: int, captured: int, sha256: str | None) -> None:
+        super().__init__(bytes, captured, sha256)
 
     def to_json(self) -> dict[str, Any]:
         return {"bytes": self.bytes, "captured": self.captured, "sha256": self.sha256}
 
 
-@dataclass(frozen=True)
-class RelayResult:
+class RelayResult(Frozen):
+    __slots__ = ("status", "streams", "error")  # noqa: RUF023
     status: ChildStatus
-    streams: Mapping[str, StreamStats] = field(default_factory=dict)
-    error: str | None = None
+    streams: Mapping[str, StreamStats]
+    error: str | None
+
+    def __init__(
+        self,
+        status: ChildStatus,
+        streams: Mapping[str, StreamStats] | None = None,
+        error: str | None = None,
+    ) -> None:
+        super().__init__(status, {} if streams is None else streams, error)
 
     def count(self, name: str) -> int:
         stats = self.streams.get(name)
@@ -164,9 +183,9 @@ class SignalPipe:
         self.fd, self._w = os.pipe()
         os.set_blocking(self.fd, False)
         os.set_blocking(self._w, False)
-        self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old_wakeup = _signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         for sig in self.signals:
-            self._old[sig] = signal.signal(sig, _ignore)
+            self._old[sig] = _signal.signal(sig, _ignore)
         return self
 
     def __exit__(
@@ -176,8 +195,8 @@ class SignalPipe:
         tb: TracebackType | None,
     ) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)
-        signal.set_wakeup_fd(self._old_wakeup)
+            _signal.signal(sig, old)
+        _signal.set_wakeup_fd(self._old_wakeup)
         os.close(self.fd)
         os.close(self._w)
 
@@ -222,8 +241,11 @@ def is_hangup(exc: OSError) -> bool:
 
 def say(fd: int, text: str) -> None:
     """Best-effort message to the user (their stderr, or the terminal)."""
-    with contextlib.suppress(OSError):
+    # Not contextlib.suppress (SIM105): importing contextlib costs ~5 ms at every login.
+    try:  # noqa: SIM105
         write_all(fd, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 class Poller:
@@ -251,10 +273,12 @@ def close_user_fd(fd: int) -> None:
     Fds 0-2 are pointed at /dev/null instead of closed, so a later open() cannot take
     their numbers and receive stray writes.
     """
-    with contextlib.suppress(OSError):
+    try:
         if fd > 2:
             os.close(fd)
             return
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, fd, inheritable=False)
         os.close(null)
+    except OSError:
+        pass

@@ -18,15 +18,11 @@ This is what sshd itself does for ``ssh host cmd``, scp, rsync, git and subsyste
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
-import hashlib
 import os
-import signal
-from dataclasses import dataclass
 
-from sshaudit.agent.protocol import Stream, encode_data
+from sshaudit.agent.protocol import Frozen, Stream, encode_data
 from sshaudit.agent.relay_common import (
     FORWARDED_SIGNALS,
     LOST_MESSAGE,
@@ -47,9 +43,13 @@ from sshaudit.agent.relay_common import (
 # typing costs start time at every login: it is imported for the type checker only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Mapping, Sequence
+    from hashlib import _Hash
 
     from sshaudit.agent.relay_common import Clock
+else:
+    import _signal as signal  # not signal: see relay_common (enum at every login)
 
 READ_SIZE = 256 * 1024
 PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size, the most an unprivileged process may ask
@@ -57,24 +57,42 @@ KILL_GRACE = 2.0  # seconds between SIGHUP and SIGKILL when the policy ends a se
 _POLLIN = 0x001
 _POLLOUT = 0x004
 _NO_SPLICE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+# SHA-256 of no bytes (FIPS 180-4): what a hashed stream that carried nothing reports, so
+# hashlib (which loads libcrypto: ~4 ms and ~3 MiB at every login) is imported only when a
+# stream has data; `ssh host true` never needs it.
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
-@dataclass(frozen=True)
-class ExecPolicy:
+class ExecPolicy(Frozen):
     """The recording policy of an exec session (from the daemon's ACCEPT)."""
 
-    capture_cap: int = 1 << 20
-    hash: bool = True
-    record_input: bool = True
+    __slots__ = ("capture_cap", "hash", "record_input")
+    capture_cap: int
+    hash: bool
+    record_input: bool
+
+    def __init__(
+        self,
+        capture_cap: int = 1 << 20,
+        hash: bool = True,
+        record_input: bool = True,
+    ) -> None:
+        super().__init__(capture_cap, hash, record_input)
 
 
-@dataclass(frozen=True)
-class StdFds:
+class StdFds(Frozen):
     """The user's side: what sshd connected to the recorder."""
 
-    stdin: int = 0
-    stdout: int = 1
-    stderr: int = 2
+    __slots__ = ("stdin", "stdout", "stderr")  # noqa: RUF023 (field order: __init__'s)
+    stdin: int
+    stdout: int
+    stderr: int
+
+    def __init__(self, stdin: int = 0, stdout: int = 1, stderr: int = 2) -> None:
+        super().__init__(stdin, stdout, stderr)
+
+
+SSHD_FDS = StdFds()  # what sshd gave the recorder: fds 0, 1 and 2
 
 
 class _Pump:
@@ -92,7 +110,8 @@ class _Pump:
     ) -> None:
         self.src, self.dst, self.stream = src, dst, stream
         self.cap = policy.capture_cap if record else 0
-        self.hasher = hashlib.sha256() if policy.hash else None
+        self.hash = policy.hash
+        self.hasher: _Hash | None = None  # made at the first byte (EMPTY_SHA256)
         self.sink, self.clock = sink, clock
         self.total = self.captured = 0
         self.open = True  # src not at EOF yet
@@ -111,11 +130,15 @@ class _Pump:
             return False
         if not self.sink.active:  # unrecorded (the daemon went away, policy allow)
             return True
-        return self.captured >= self.cap and self.hasher is None
+        return self.captured >= self.cap and not self.hash
 
     def _account(self, data: bytes) -> None:
         self.total += len(data)
-        if self.hasher is not None:
+        if self.hash:
+            if self.hasher is None:
+                import hashlib
+
+                self.hasher = hashlib.sha256()
             self.hasher.update(data)
         room = self.cap - self.captured
         if room > 0 and self.sink.active:
@@ -124,7 +147,9 @@ class _Pump:
             self.sink.emit(encode_data(self.clock(), self.stream, part))
 
     def stats(self) -> StreamStats:
-        digest = self.hasher.hexdigest() if self.hasher is not None else None
+        digest = None
+        if self.hash:
+            digest = EMPTY_SHA256 if self.hasher is None else self.hasher.hexdigest()
         return StreamStats(self.total, self.captured, digest)
 
     def _splice(self) -> int | None:
@@ -195,8 +220,10 @@ class _Pump:
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe()
     # Over the user's pipe quota this fails, and the default 64 KiB still works.
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (contextlib costs start time: relay_common.say)
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
     return r, w
 
 
@@ -226,7 +253,7 @@ def run_exec(
     sink: Sink,
     clock: Clock,
     policy: ExecPolicy,
-    fds: StdFds = StdFds(),
+    fds: StdFds = SSHD_FDS,
 ) -> RelayResult:
     """Run ``path`` with ``argv`` on pipes relayed to ``fds``; return how it ended.
 
@@ -326,8 +353,10 @@ def _on_signals(pid: int, caught: list[int], status: ChildStatus | None) -> Chil
 
 
 def _signal_pid(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    try:  # noqa: SIM105 (contextlib costs start time: relay_common.say)
         os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -9,9 +9,11 @@ one (the "inner" pty) and we copy bytes between them, recording both directions:
   pty, and it is restored on every way out;
 - SIGWINCH on the outer terminal -> TIOCSWINSZ on the inner master (the kernel then
   signals the child's foreground job, tty_ioctl(4)) and a RESIZE message;
-- input read while the inner terminal has ECHO off (passwords at ``read -s``, sudo, ssh)
-  is never recorded: a MARKER with its length instead (termios is read from the master,
-  which on Linux reports the slave's settings);
+- input read while the inner terminal has ECHO off in canonical mode (passwords at
+  ``read -s``, sudo, passwd, ssh) is never recorded: a MARKER with its length instead
+  (termios is read from the master, which on Linux reports the slave's settings); a
+  program that reads raw keys with echo off (a line editor) echoes them itself, so its
+  input is recorded;
 - the master is non-blocking: a child that stops reading input can never stall its
   output (the classic relay deadlock); writes to the outer terminal block (flow control);
 - 64 KiB reads, one poll loop, no busy waits; on the child's exit the remaining output is
@@ -20,16 +22,13 @@ one (the "inner" pty) and we copy bytes between them, recording both directions:
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import signal
 import struct
 import termios
 import tty
-from dataclasses import dataclass
 
-from sshaudit.agent.protocol import Stream, encode_data, encode_marker, encode_resize
+from sshaudit.agent.protocol import Frozen, Stream, encode_data, encode_marker, encode_resize
 from sshaudit.agent.relay_common import (
     FORWARDED_SIGNALS,
     LOST_MESSAGE,
@@ -49,10 +48,13 @@ from sshaudit.agent.relay_common import (
 # typing costs start time at every login: it is imported for the type checker only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Mapping, Sequence
     from typing import Any
 
     from sshaudit.agent.relay_common import Clock
+else:
+    import _signal as signal  # not signal: see relay_common (enum at every login)
 
 READ_SIZE = 64 * 1024
 DRAIN_IDLE = 0.25  # seconds without output after the child's exit before giving up on EIO
@@ -63,12 +65,18 @@ _POLLOUT = 0x004
 _WINSZ = struct.Struct("HHHH")  # struct winsize: rows, cols, xpixel, ypixel
 
 
-@dataclass(frozen=True)
-class PtyFds:
+class PtyFds(Frozen):
     """The user's side: the outer terminal sshd allocated (``stdin`` may equal ``stdout``)."""
 
-    stdin: int = 0
-    stdout: int = 1
+    __slots__ = ("stdin", "stdout")
+    stdin: int
+    stdout: int
+
+    def __init__(self, stdin: int = 0, stdout: int = 1) -> None:
+        super().__init__(stdin, stdout)
+
+
+SSHD_PTY = PtyFds()  # what sshd gave the recorder: fds 0 and 1
 
 
 def get_winsize(fd: int) -> tuple[int, int] | None:
@@ -128,10 +136,15 @@ class _State:
         self.bytes_in += len(data)
         if self.record_input and self.sink.active:
             try:
-                echo = bool(termios.tcgetattr(master)[3] & termios.ECHO)
+                lflag = termios.tcgetattr(master)[3]
+                # A password prompt (read -s, sudo, passwd, ssh) turns ECHO off and keeps
+                # the canonical line discipline (ICANON). Line editors (bash's readline,
+                # vim, less) turn both off and echo the keys themselves: hiding their
+                # input would hide every command typed at a shell prompt.
+                hidden = not lflag & termios.ECHO and bool(lflag & termios.ICANON)
             except termios.error:
-                echo = False  # cannot tell: never risk a password in clear
-            if echo:
+                hidden = True  # cannot tell: never risk a password in clear
+            if not hidden:
                 self.captured_in += len(data)
                 self.sink.emit(encode_data(self.clock(), Stream.INPUT, data))
             else:
@@ -148,7 +161,7 @@ def run_pty(
     sink: Sink,
     clock: Clock,
     record_input: bool,
-    fds: PtyFds = PtyFds(),
+    fds: PtyFds = SSHD_PTY,
 ) -> RelayResult:
     """Run ``path`` with ``argv`` on a new pty relayed to the terminal on ``fds``."""
     master, slave = os.openpty()
@@ -175,8 +188,10 @@ def run_pty(
             status = _loop(pid, master, fds, sigs, state, size)
     finally:
         if saved is not None:  # restore the outer terminal however we leave
-            with contextlib.suppress(termios.error):
+            try:  # noqa: SIM105 (contextlib costs start time: relay_common.say)
                 termios.tcsetattr(fds.stdin, termios.TCSADRAIN, saved)
+            except termios.error:
+                pass
         os.close(master)
         if slave >= 0:
             os.close(slave)
@@ -325,8 +340,12 @@ def _hangup(pid: int, sig: int, master: int = -1) -> None:
     kernel does on a terminal hangup, the inner terminal's foreground job."""
     groups = [pid]
     if master >= 0:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (contextlib costs start time: relay_common.say)
             groups.append(os.tcgetpgrp(master))
+        except OSError:
+            pass
     for group in dict.fromkeys(groups):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        try:  # noqa: SIM105
             os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -32,13 +32,16 @@ Invariants:
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums cost milliseconds on every login
 import os
-import socket
 import stat
 import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+
+TYPE_CHECKING = False  # not from typing: importing typing costs ~10 ms on every login
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 MSG_PAM = 9  # protocol.MsgType.PAM
 MSG_DONE = 8  # protocol.MsgType.DONE
@@ -131,7 +134,7 @@ def read_config(path: str) -> dict[str, str]:
 
 def send(path: str, payload: bytes, deadline: float) -> bool:
     """Deliver the PAM message; True once it was sent (an answer is waited for, bounded)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.connect(path)

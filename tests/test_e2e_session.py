@@ -81,12 +81,6 @@ def test_interactive_session_is_recorded_and_the_password_is_not(
     assert password not in str(r) and password not in a.log.read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/relay_pty.py hides all input while the pty's ECHO is off, and readline "
-    "(bash's prompt) runs with ECHO off: commands typed at the prompt become 'input hidden' "
-    "markers. A password prompt is ECHO off with ICANON on; readline is ICANON off.",
-)
 def test_commands_typed_at_the_bash_prompt_are_recorded_as_input(
     agent: AgentFactory, sshd_server: SshdFactory, alice: UnixUser
 ) -> None:
