@@ -124,6 +124,19 @@ def _user_uid(name: str) -> int:
         raise PeerError(f"sshd names user {name!r}, who does not exist") from exc
 
 
+def sshd_executable(path: str) -> bool:
+    """Whether ``path`` is an sshd binary an admin installed: named sshd (or sshd-session,
+    OpenSSH >= 9.8), owned by root and writable by nobody else. A process title is only
+    text any process can set; a copy of sshd in a user's home fails the ownership test."""
+    if Path(path).name not in ("sshd", "sshd-session"):
+        return False
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
 class AncestryCheck:
     """The recorder check, with the process table and the user database as parameters."""
 
@@ -132,10 +145,12 @@ class AncestryCheck:
         lookup: ProcLookup = psutil_lookup,
         shells: Callable[[int], frozenset[str]] | None = None,
         uid_of: Callable[[str], int] = _user_uid,
+        is_sshd: Callable[[str], bool] = sshd_executable,
     ) -> None:
         self._lookup = lookup
         self._shells = shells or (lambda uid: login_shells(_pw_shell(uid)))
         self._uid_of = uid_of
+        self._is_sshd = is_sshd
 
     def __call__(self, cred: PeerCred) -> Lineage:
         peer = self._lookup(cred.pid)
@@ -152,14 +167,15 @@ class AncestryCheck:
                 )
             session_proc = self._lookup(parent.ppid)
         match = _SESSION_RE.fullmatch(session_proc.title)
-        if match is None:
+        if match is None or not self._is_sshd(session_proc.exe):
             raise PeerError(f"pid {cred.pid}: not started by an sshd session process")
         user = match["user"]
         if session_proc.uids[0] != cred.uid or self._uid_of(user) != cred.uid:
             raise PeerError(f"pid {cred.pid}: uid {cred.uid} is not sshd's user {user!r}")
         priv = self._lookup(session_proc.ppid)
         priv_match = _PRIV_RE.fullmatch(priv.title)
-        if priv_match is None or priv.uids[0] != 0 or priv_match["user"] != user:
+        bad_priv = priv_match is None or priv_match["user"] != user
+        if bad_priv or priv.uids[0] != 0 or not self._is_sshd(priv.exe):
             raise PeerError(
                 f"pid {cred.pid}: sshd session process {session_proc.pid} is not a child "
                 f"of a root 'sshd: {user} [priv]' process"

@@ -24,9 +24,11 @@ from sshaudit.agent.peer import (
     check_pam_peer,
     peer_cred,
     psutil_lookup,
+    sshd_executable,
 )
 
 PY = "/usr/bin/python3"
+SSHD = "/usr/sbin/sshd"
 SH = os.path.realpath("/bin/sh")
 
 
@@ -38,15 +40,20 @@ def table(*procs: ProcInfo) -> AncestryCheck:
             raise PeerError(f"process {pid} cannot be inspected")
         return by_pid[pid]
 
-    return AncestryCheck(lookup, shells=lambda uid: frozenset({SH}), uid_of=lambda n: 1000)
+    return AncestryCheck(
+        lookup,
+        shells=lambda uid: frozenset({SH}),
+        uid_of=lambda n: 1000,
+        is_sshd=lambda exe: exe == SSHD,
+    )
 
 
 def proc(pid: int, ppid: int, uid: int, title: str, exe: str = PY) -> ProcInfo:
     return ProcInfo(pid, ppid, (uid, uid, uid), title, exe)
 
 
-PRIV = proc(10, 1, 0, "sshd: jdoe [priv]", "/usr/sbin/sshd")
-SESS = proc(11, 10, 1000, "sshd: jdoe@pts/0", "/usr/sbin/sshd")
+PRIV = proc(10, 1, 0, "sshd: jdoe [priv]", SSHD)
+SESS = proc(11, 10, 1000, "sshd: jdoe@pts/0", SSHD)
 REC = proc(12, 11, 1000, "/usr/bin/python3")
 
 
@@ -66,7 +73,7 @@ def test_a_recorder_under_sshd_passes() -> None:
 )
 def test_session_title_variants(title: str) -> None:
     priv_title = title.split(":")[0] + ": jdoe [priv]"
-    check = table(proc(10, 1, 0, priv_title), proc(11, 10, 1000, title), REC)
+    check = table(proc(10, 1, 0, priv_title, SSHD), proc(11, 10, 1000, title, SSHD), REC)
     assert check(PeerCred(12, 1000, 1000)).priv_pid == 10
 
 
@@ -94,17 +101,38 @@ def test_one_login_shell_in_between_passes() -> None:
             1000,
             "neither an sshd session process nor a login shell",
         ),
-        # a fake "sshd: jdoe@pts/0" title made by the user under the recorder
+        # a fake "sshd: jdoe@pts/0" title made by the user under the recorder (its exe is
+        # not an installed sshd)
         (
             (PRIV, SESS, REC, proc(13, 12, 1000, "sshd: jdoe@pts/0"), proc(14, 13, 1000, "x")),
+            14,
+            1000,
+            "not started by an sshd session",
+        ),
+        # ... even running a copy of sshd, under the recorder: no root [priv] parent
+        (
+            (
+                PRIV,
+                SESS,
+                REC,
+                proc(13, 12, 1000, "sshd: jdoe@pts/0", SSHD),
+                proc(14, 13, 1000, "x"),
+            ),
             14,
             1000,
             "not a child of a root",
         ),
         # the [priv] process is not root
-        ((proc(10, 1, 1000, "sshd: jdoe [priv]"), SESS, REC), 12, 1000, "not a child of a root"),
+        (
+            (proc(10, 1, 1000, "sshd: jdoe [priv]", SSHD), SESS, REC),
+            12,
+            1000,
+            "not a child of a root",
+        ),
         # [priv] names another user
-        ((proc(10, 1, 0, "sshd: bob [priv]"), SESS, REC), 12, 1000, "not a child of a root"),
+        ((proc(10, 1, 0, "sshd: bob [priv]", SSHD), SESS, REC), 12, 1000, "not a child of a root"),
+        # a root process titled like [priv] that is not sshd
+        ((proc(10, 1, 0, "sshd: jdoe [priv]"), SESS, REC), 12, 1000, "not a child of a root"),
         # the peer's uid is not the session's user
         ((PRIV, SESS, proc(12, 11, 1001, "python")), 12, 1001, "is not sshd's user"),
         # the uid changed since connect (setuid program)
@@ -210,7 +238,9 @@ def run_tree(d: Path, mode: str) -> tuple[PeerCred, Lineage | PeerError, int]:
         with conn:
             cred = peer_cred(conn)
             try:
-                result: Lineage | PeerError = AncestryCheck()(cred)
+                # the simulated sshd processes are python with sshd's titles
+                is_py = lambda exe: exe == os.path.realpath(PY)  # noqa: E731
+                result: Lineage | PeerError = AncestryCheck(is_sshd=is_py)(cred)
             except PeerError as exc:
                 result = exc
     finally:
@@ -231,3 +261,15 @@ def test_real_tree_recorder_is_accepted(world_dir: Path, mode: str) -> None:
 def test_real_tree_process_inside_the_session_is_refused(world_dir: Path, mode: str) -> None:
     _, result, _ = run_tree(world_dir, mode)
     assert isinstance(result, PeerError), result
+
+
+def test_sshd_executable_needs_a_root_owned_sshd(tmp_path: Path) -> None:
+    assert sshd_executable(os.path.realpath(SSHD))
+    assert not sshd_executable(os.path.realpath(PY))
+    copy = tmp_path / "sshd"
+    shutil.copy(SSHD, copy)
+    os.chown(copy, 1000, 1000)
+    assert not sshd_executable(str(copy))  # a user's copy of sshd
+    os.chown(copy, 0, 0)
+    copy.chmod(0o777)
+    assert not sshd_executable(str(copy))  # writable by others
