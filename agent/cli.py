@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             "SO_PEERCRED and its process ancestry), seals every session frame by frame to\n"
             "the `recipients` keys, signs with `host_key_file`, and writes the spool\n"
             "(`spool_dir`, 0700 root) with fsync. The PAM hook reports sessions to it too.\n"
+            "With a [collector] table it ships the spool to the collector as it is written\n"
+            "(pinned TLS, resumable) and deletes only what the collector confirmed durable.\n"
             "SIGTERM or SIGINT: stop listening, end open recordings as truncated, exit 0.\n"
             "Logs one line per event to stderr (journald under systemd)."
         ),
@@ -86,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             "List every session the spool holds, oldest first: session id, unix user,\n"
             "start time, recording status (recording, complete, truncated, unrecorded,\n"
             "recorder_lost), spool state (writing, closed, dropped, none), the number of\n"
-            "sealed frames and the file's size. Reads no key: nothing is decrypted."
+            "sealed frames, the file's size, and the bytes of it the collector confirmed\n"
+            "(SHIPPED). A session leaves the spool once the collector confirmed all of it;\n"
+            "with a [collector] configured, a last line sums up the backlog. Reads no key:\n"
+            "nothing is decrypted."
         ),
         epilog=(
             "examples:\n  sshaudit-agent spool list\n"
@@ -120,6 +125,7 @@ def _spool_list(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sshaudit.agent.config import load_config
+    from sshaudit.agent.ship_files import read_ship_state
     from sshaudit.agent.spool import list_spool
     from sshaudit.errors import SSHAuditError
 
@@ -127,17 +133,29 @@ def _spool_list(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except SSHAuditError as exc:
         return _fail(str(exc))
+    spool_dir = Path(config.spool_dir)
     try:
-        entries = list_spool(Path(config.spool_dir))
+        entries = list_spool(spool_dir)
     except OSError as exc:
         hint = " (run as root)" if isinstance(exc, PermissionError) else ""
         return _fail(f"cannot read the spool {config.spool_dir}: {exc.strerror}{hint}")
+    # What the collector confirmed of each (agent/shipper.py); a shipped session is gone.
+    states = {e.session_id: read_ship_state(spool_dir, e.session_id) for e in entries}
+    shipped = {sid: s.acked if s else 0 for sid, s in states.items()}
     if args.json:
         for entry in entries:
-            sys.stdout.write(json.dumps(entry.to_json()) + "\n")
+            state = states[entry.session_id]
+            doc = {
+                **entry.to_json(),
+                "shipped_bytes": shipped[entry.session_id],
+                "ship_error": state.error if state else "",
+            }
+            sys.stdout.write(json.dumps(doc) + "\n")
         return EXIT_OK
-    row = "{:<36}  {:<16}  {:<20}  {:<13}  {:<7}  {:>6}  {:>12}\n"
-    sys.stdout.write(row.format("SESSION", "USER", "START", "STATUS", "SPOOL", "FRAMES", "BYTES"))
+    row = "{:<36}  {:<16}  {:<20}  {:<13}  {:<7}  {:>6}  {:>12}  {:>12}\n"
+    sys.stdout.write(
+        row.format("SESSION", "USER", "START", "STATUS", "SPOOL", "FRAMES", "BYTES", "SHIPPED")
+    )
     for e in entries:
         sys.stdout.write(
             row.format(
@@ -148,7 +166,14 @@ def _spool_list(args: argparse.Namespace) -> int:
                 e.spool_state,
                 e.frames,
                 e.bytes,
+                shipped[e.session_id],
             )
+        )
+    if config.collector is not None:
+        backlog = sum(max(0, e.bytes - shipped[e.session_id]) for e in entries)
+        sys.stdout.write(
+            f"backlog: {len(entries)} sessions, {backlog} bytes not yet confirmed by "
+            f"{config.collector.url}\n"
         )
     return EXIT_OK
 

@@ -7,12 +7,16 @@ Invariants:
   policy must not fall back to a default unnoticed);
 - the models are frozen: the running daemon's view of its config never changes;
 - paths are absolute (the daemon runs from ``/``, a relative path would be ambiguous);
+- the optional ``[collector]`` table (shipping, DESIGN.md "Shipping") names an ``https://``
+  URL and the collector certificate's pin; the credential itself lives in its own 0600 file
+  (this file is world-readable: the recorder reads it as the user);
 - key files are read here (:func:`load_sealing_keys`) with their modes checked: the host
   signing key must not be readable by anyone but its owner. No message quotes key material.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -21,11 +25,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from sshaudit.errors import ConfigError, KeyFileError
+from sshaudit.collector.tls import parse_fingerprint
+from sshaudit.errors import ConfigError, KeyFileError, UsageError
 from sshaudit.keys import AuditorPublicKey, decode_key_text
 
 DEFAULT_CONFIG = Path("/etc/sshaudit/agent.toml")
@@ -33,6 +39,12 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_KEY_FILE = 4096
 _HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}")
 _USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,31}\$?")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# One stored frame at its largest (FORMAT.md: u32 length + 1 MiB + 16-byte tag) must fit in
+# a chunk, or a recording with such a frame could never be shipped. The collector takes
+# chunks up to its --max-chunk (8 MiB by default).
+MIN_UPLOAD_CHUNK = 4 + (1 << 20) + 16
+MAX_UPLOAD_CHUNK = 64 << 20
 
 
 class OnDaemonDown(Enum):
@@ -70,6 +82,36 @@ def _user_names(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _collector_url(value: str) -> str:
+    """``https://host[:port][/prefix]``: no user, query or fragment; no trailing slash."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError for a port that is not 0-65535
+    except ValueError as exc:
+        raise ValueError("must be a URL like https://collector.example.com:8443") from exc
+    if parts.scheme != "https":
+        raise ValueError("must be an https:// URL (the collector is reached over TLS only)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user name or password (the credential has its file)")
+    if parts.query or parts.fragment or "\x00" in value or port == 0:
+        raise ValueError("must be https://host[:port][/path], with no query or fragment")
+    host = parts.hostname or ""
+    if not _HOST_RE.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a host name or IP address") from None
+    return value.rstrip("/")
+
+
+def _fingerprint(value: str) -> str:
+    """Stored normalised as ``SHA256:<64 lowercase hex digits>`` (collector/tls.py)."""
+    try:
+        return "SHA256:" + parse_fingerprint(value)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+
+
 AbsPath = Annotated[Path, AfterValidator(_absolute)]
 _FROZEN = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -93,6 +135,18 @@ class PolicyConfig(BaseModel):
     reconcile_grace: float = Field(default=5.0, gt=0.0, le=600.0, strict=False)
 
 
+class CollectorConfig(BaseModel):
+    """The ``[collector]`` table: where the daemon ships its spool (absent: no shipping)."""
+
+    model_config = _FROZEN
+
+    url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_collector_url)]
+    fingerprint: Annotated[str, Field(max_length=200), AfterValidator(_fingerprint)]
+    credential_file: Annotated[AbsPath, Field(strict=False)] = Path("/etc/sshaudit/collector.token")
+    upload_chunk_bytes: int = Field(default=2 << 20, ge=MIN_UPLOAD_CHUNK, le=MAX_UPLOAD_CHUNK)
+    retry_max_seconds: float = Field(default=300.0, ge=1.0, le=86400.0)
+
+
 class AgentConfig(BaseModel):
     """The whole file. ``host_id`` and ``recipients`` have no sensible default."""
 
@@ -106,6 +160,7 @@ class AgentConfig(BaseModel):
         min_length=1, max_length=256, strict=False
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    collector: CollectorConfig | None = None
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -50,6 +50,7 @@ from sshaudit.agent.peer import (
 )
 from sshaudit.agent.protocol import Message, MsgType, ProtocolError
 from sshaudit.agent.reconcile import Finding, FindingKind, PamEvent, Reconciler
+from sshaudit.agent.shipper_loop import ShipperThread, start_shipping
 from sshaudit.agent.spool import RecordingStatus, SessionRecord, Spool, SpoolFile, SpoolState
 from sshaudit.errors import ConfigError, SSHAuditError
 from sshaudit.sealed import rfc3339
@@ -106,6 +107,7 @@ class AgentDaemon:
         self._socket_ino: int | None = None
         self.stopping = False
         self.reconciler: Reconciler | None = None
+        self.shipping: ShipperThread | None = None
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -124,6 +126,9 @@ class AgentDaemon:
                 record.frames,
             )
         await self._take_pam_queue()
+        # Shipping (agent/shipper_loop.py) runs on its own thread off the spool directory
+        # alone, after recovery closed what a previous run left; none without [collector].
+        self.shipping = await self.io(start_shipping, self.config)
         path = self.config.socket
         await self.io(_prepare_socket_path, path)
         # A burst of logins must queue, not fail: a recorder's connect(2) with a timeout
@@ -150,6 +155,8 @@ class AgentDaemon:
             self._reconcile_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconcile_task
+        if self.shipping is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.shipping.stop)
         self._pool.shutdown(wait=True)
         with contextlib.suppress(OSError):
             if self.config.socket.stat().st_ino == self._socket_ino:
@@ -263,6 +270,8 @@ class AgentDaemon:
 
     async def write_record(self, record: SessionRecord) -> None:
         await self.io(self.spool.write_record, record)
+        if self.shipping is not None:
+            self.shipping.wake()  # ship record changes now, not at the next poll
 
     async def append(self, file: SpoolFile, data: bytes) -> None:
         await self.io(file.append, data)

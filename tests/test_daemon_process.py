@@ -207,7 +207,8 @@ def test_cli_spool_list(config: Path, tmp_path: Path, keys: KeySet, procs: list[
     table = agent("spool", "list", "--config", str(config))
     assert table.returncode == 0
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["SESSION", "USER", "START", "STATUS", "SPOOL", "FRAMES", "BYTES"]
+    header = ["SESSION", "USER", "START", "STATUS", "SPOOL", "FRAMES", "BYTES", "SHIPPED"]
+    assert lines[0].split() == header
     assert any(line.startswith(sid) and "complete" in line for line in lines[1:])
     c2.close()
 
