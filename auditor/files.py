@@ -125,7 +125,7 @@ class Policy:
 def _stream(
     source: Source,
     keys: list[AuditorPrivateKey],
-    sink: Callable[[bytes], object],
+    sink: Callable[[bytes | bytearray], object],
     check_signature: bool = True,
 ) -> ReadResult:
     reader = SealedReader(keys, check_signature=check_signature)
@@ -167,7 +167,7 @@ def verify(source: Source, keys: list[AuditorPrivateKey], policy: Policy) -> Rea
 
 
 def decrypt_to(
-    source: Source, keys: list[AuditorPrivateKey], sink: Callable[[bytes], object]
+    source: Source, keys: list[AuditorPrivateKey], sink: Callable[[bytes | bytearray], object]
 ) -> ReadResult:
     """Pass two (after :func:`verify`): stream the plaintext into ``sink``. The signature
     was checked in pass one; frames are still authenticated (the file could change)."""
@@ -177,7 +177,7 @@ def decrypt_to(
 def decrypt_bytes(
     source: Source, keys: list[AuditorPrivateKey], policy: Policy
 ) -> tuple[bytes, ReadResult]:
-    parts: list[bytes] = []
+    parts: list[bytes | bytearray] = []
     result = _stream(source, keys, parts.append)
     _judge(result, policy, source.path)
     return b"".join(parts), result

@@ -342,33 +342,38 @@ class SealedReader:
         self._last_seen = False
         self._signature = SignatureStatus.ABSENT
         self._failed: Exception | None = None
+        self._out = bytearray()
+        self._out_len = 0
         self.header: SealedHeader | None = None
         self.frames = 0
         self.plaintext_bytes = 0
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> bytearray:
         if self._failed is not None:
             raise SealedFormatError("the reader already failed") from self._failed
         # Pieces are parsed straight out of an immutable buffer through memoryviews: no
         # per-frame copies, and the hashing thread may keep a view after we return. Only a
         # piece that straddles two feeds is copied, into self._buf.
         view = memoryview(data if type(data) is bytes else bytes(data))
-        out: list[bytes] = []
+        # Plaintext is decrypted straight into one buffer (decrypt_into): no per-frame
+        # objects and no join. It cannot exceed the ciphertext held plus what came in.
+        self._out = bytearray(len(view) + len(self._buf))
+        self._out_len = 0
         pos = 0
         try:
             while self._state is not _State.DONE:
                 chunk, pos = self._next_piece(view, pos)
                 if chunk is None:
                     break
-                plain = self._step(chunk)
-                if plain is not None:
-                    out.append(plain)
+                self._step(chunk)
             if self._state is _State.DONE and (self._buf or pos < len(view)):
                 raise SealedFormatError("data after the signature trailer")
         except Exception as exc:
             self._failed = exc
             raise
-        return b"".join(out)
+        out, self._out = self._out, bytearray()
+        del out[self._out_len :]
+        return out
 
     def _next_piece(self, view: memoryview, pos: int) -> tuple[memoryview | None, int]:
         """The next ``self._need`` bytes, or None (keeping the rest for the next feed)."""
@@ -386,9 +391,15 @@ class SealedReader:
         self._buf += view[pos:]
         return None, len(view)
 
-    def _step(self, chunk: memoryview) -> bytes | None:
+    def _step(self, chunk: memoryview) -> None:
         state = self._state
-        if state is _State.MAGIC:
+        # The two states of the frame loop come first: they are all but every step.
+        if state is _State.FRAME:
+            self._open_frame(chunk)
+            return
+        if state is _State.FRAME_LEN:
+            self._frame_len(_U32.unpack(chunk)[0])
+        elif state is _State.MAGIC:
             if bytes(chunk) != MAGIC:
                 raise SealedFormatError("not a sealed recording (bad magic or version)")
             self._expect(_State.HEADER_LEN, 4)
@@ -399,10 +410,6 @@ class SealedReader:
             self._expect(_State.HEADER, n)
         elif state is _State.HEADER:
             self._start(parse_header(bytes(chunk)))
-        elif state is _State.FRAME_LEN:
-            self._frame_len(_U32.unpack(chunk)[0])
-        elif state is _State.FRAME:
-            return self._open_frame(chunk)
         elif state is _State.TRAILER_LEN:
             (n,) = _U32.unpack(chunk)
             if not 2 <= n <= MAX_TRAILER:
@@ -411,7 +418,6 @@ class SealedReader:
         elif state is _State.TRAILER:
             self._signature = self._check_signature(bytes(chunk))
             self._expect(_State.DONE, 0)
-        return None
 
     def _expect(self, state: _State, need: int) -> None:
         self._state, self._need = state, need
@@ -438,14 +444,16 @@ class SealedReader:
                 self._sig_hash.update(_U32.pack(n))
             self._expect(_State.FRAME, n)
 
-    def _open_frame(self, ct: memoryview) -> bytes:
+    def _open_frame(self, ct: memoryview) -> None:
         assert self._aead is not None
         i = self.frames
+        size = len(ct) - TAG_LEN
+        plain = memoryview(self._out)[self._out_len : self._out_len + size]
         try:
-            plain = self._aead.decrypt(frame_nonce(i, False), ct, self._aad)
+            self._aead.decrypt_into(frame_nonce(i, False), ct, self._aad, plain)
         except InvalidTag:
             try:
-                plain = self._aead.decrypt(frame_nonce(i, True), ct, self._aad)
+                self._aead.decrypt_into(frame_nonce(i, True), ct, self._aad, plain)
             except InvalidTag:
                 raise TamperedError(
                     f"frame {i} failed authentication: the file was altered, reordered "
@@ -456,9 +464,9 @@ class SealedReader:
         if self._sig_hash is not None:
             self._sig_hash.update(ct)
         self.frames += 1
-        self.plaintext_bytes += len(plain)
+        self.plaintext_bytes += size
+        self._out_len += size
         self._expect(_State.FRAME_LEN, 4)
-        return plain
 
     def _check_signature(self, doc_bytes: bytes) -> SignatureStatus:
         try:

@@ -87,7 +87,7 @@ def _toml_value(value: Any) -> str:
 
 def decrypt(data: bytes, key: AuditorPrivateKey) -> tuple[bytes, ReadResult]:
     reader = SealedReader([key])
-    plain = reader.feed(data)
+    plain = bytes(reader.feed(data))
     return plain, reader.finish()
 
 
