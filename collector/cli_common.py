@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sshaudit.collector.storage import Storage, open_storage
+from sshaudit.collector.storage_pg_config import CONFIG_NAME
 from sshaudit.collector.storage_sqlite import DB_NAME
 from sshaudit.errors import UsageError
 
@@ -32,6 +33,8 @@ FILES = """\
 files (in the state directory DATA, mode 0700, owned by the collector's user):
   collector.sqlite3   metadata: hosts, token hashes, keys, policy, sessions, events
   recordings/         sealed recordings: recordings/<host_id>/<session_id>.sealed (0600)
+  collector.toml      optional (0600, written before init): PostgreSQL + S3 storage instead
+                      of the two above (docs/collector.md "Storage for a fleet")
   tls/cert.pem        the TLS certificate (self-signed by init unless you bring one)
   tls/key.pem         its private key (0600)
 """
@@ -92,7 +95,8 @@ def state_dir(path: str, *, create: bool = False) -> Path:
         if not create:
             raise UsageError(f"{path}: must be mode 0700 (chmod 700 {path})")
         directory.chmod(0o700)
-    if not create and not (directory / DB_NAME).is_file():
+    marker = (directory / DB_NAME).is_file() or (directory / CONFIG_NAME).is_file()
+    if not create and not marker:
         raise UsageError(f"{path}: not a collector state directory (run `sshaudit-collector init`)")
     return directory
 

@@ -42,7 +42,9 @@ def add_parsers(sub: Sub) -> None:
         "self-signed TLS certificate (ECDSA P-256, valid ten years) for the given names.\n"
         "Prints the certificate's fingerprint, SHA256:<64 hex digits> (SHA-256 of the DER\n"
         "certificate, as `openssl x509 -noout -fingerprint -sha256` computes it), alone on\n"
-        "the last line: agents and auditors pin it. Running init again changes nothing.",
+        "the last line: agents and auditors pin it. Running init again changes nothing.\n"
+        "With DIR/collector.toml written first (PostgreSQL + S3, docs/collector.md), init\n"
+        "migrates that database and checks the bucket instead of making a SQLite file.",
         "  sshaudit-collector init --data /var/lib/sshaudit-collector --name audit.example.com",
     )
     add_data(p)
@@ -130,7 +132,7 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     data = state_dir(args.data, create=True)
-    fresh = not (data / DB_NAME).exists()
+    fresh = not (data / DB_NAME).exists() and not (data / TLS_DIR).exists()
     open_storage(data).close()
     tls = data / TLS_DIR
     tls.mkdir(mode=0o700, exist_ok=True)

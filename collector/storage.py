@@ -286,8 +286,17 @@ class Storage(Protocol):
 
 def open_storage(data_dir: Path) -> Storage:
     """The storage of a collector state directory (made by ``sshaudit-collector init``).
-    Only this function knows which backend serves it (today always the embedded SQLite
-    database and recording files inside it), so the fleet backend plugs in here."""
+    Only this function knows which backend serves it: ``DATA/collector.toml``
+    (storage_pg_config.py) names the fleet backend (PostgreSQL + S3); without it, the
+    embedded SQLite database and recording files inside the directory."""
+    from sshaudit.collector.storage_pg_config import Backend, load_config
+
+    config = load_config(data_dir)
+    if config.backend is Backend.POSTGRESQL_S3:
+        from sshaudit.collector.storage_pg import PgS3Storage
+
+        assert config.postgresql is not None and config.s3 is not None  # parse_config's rule
+        return PgS3Storage(config.postgresql, config.s3)
     from sshaudit.collector.storage_sqlite import SqliteStorage
 
     return SqliteStorage(data_dir)

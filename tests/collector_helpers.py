@@ -4,11 +4,21 @@ the upload protocol sends them, an in-process app with a controllable clock, and
 
 The file splitter here parses FORMAT.md framing on its own (not with collector/upload.py),
 so the tests do not check the collector's framing with the collector's own parser.
+
+Storage: by default every collector here is the embedded one (SQLite + files). With
+``SSHAUDIT_STORAGE=pg_s3`` the same tests run on PostgreSQL + S3: each fresh state directory
+(``local_collector``, ``open_test_storage``, ``cli("init", ...)``) gets a ``collector.toml``
+naming its own PostgreSQL schema and S3 key prefix, on the servers that ``SSHAUDIT_PG_URL``
+and ``SSHAUDIT_S3_*`` name, or else that ``scripts/services start`` starts.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
+import functools
+import json
+import os
 import re
 import struct
 import subprocess
@@ -31,12 +41,17 @@ from sshaudit.collector.app import create_app
 from sshaudit.collector.deps import Context, Settings
 from sshaudit.collector.models import EnrollRequest
 from sshaudit.collector.pinning import pinned_session
-from sshaudit.collector.storage import Storage, TokenKind
-from sshaudit.collector.storage_sqlite import SqliteStorage
+from sshaudit.collector.storage import Storage, TokenKind, open_storage
+from sshaudit.collector.storage_pg_config import CONFIG_NAME
+from sshaudit.collector.storage_sqlite import DB_NAME, SqliteStorage
 from sshaudit.keys import AuditorPrivateKey
 from sshaudit.sealed import SealedWriter
 
 COLLECTOR = str(Path(sys.executable).parent / "sshaudit-collector")
+REPO = Path(__file__).resolve().parent.parent
+STORAGE = os.environ.get("SSHAUDIT_STORAGE", "sqlite")  # "sqlite" or "pg_s3"
+if STORAGE not in ("sqlite", "pg_s3"):
+    raise RuntimeError(f"SSHAUDIT_STORAGE={STORAGE!r}: use sqlite or pg_s3")
 T0 = datetime(2026, 11, 22, 9, 0, 0, tzinfo=UTC)
 AUDITOR = AuditorPrivateKey.generate()
 _U32 = struct.Struct(">I")
@@ -197,8 +212,124 @@ def make_token(storage: Storage, kind: TokenKind, now: datetime) -> str:
     return token
 
 
-def local_collector(data: Path, settings: Settings | None = None) -> Local:
-    storage = SqliteStorage(data)
+# --- storage: embedded, or PostgreSQL + S3 (SSHAUDIT_STORAGE=pg_s3)
+
+FLEET_ENV = (
+    "SSHAUDIT_PG_URL",
+    "SSHAUDIT_S3_ENDPOINT",
+    "SSHAUDIT_S3_BUCKET",
+    "SSHAUDIT_S3_REGION",
+    "SSHAUDIT_S3_ACCESS_KEY",
+    "SSHAUDIT_S3_SECRET_KEY",
+)
+_SCHEMAS: list[str] = []
+
+
+@functools.cache
+def fleet_env() -> dict[str, str]:
+    """Where the PostgreSQL and S3 servers are: from the environment, or from
+    ``scripts/services start`` (which installs and starts them on loopback)."""
+    if all(os.environ.get(k) for k in FLEET_ENV):
+        return {k: os.environ[k] for k in FLEET_ENV}
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "services"), "start"],
+        capture_output=True,
+        timeout=900,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            "scripts/services start failed; PostgreSQL + S3 are not available:\n"
+            + proc.stderr.decode("utf-8", "replace")
+        )
+    env = dict(re.findall(r"^export (SSHAUDIT_\w+)='([^']*)'$", proc.stdout.decode(), re.MULTILINE))
+    missing = [k for k in FLEET_ENV if k not in env]
+    if missing:
+        raise RuntimeError(f"scripts/services start printed no {', '.join(missing)}")
+    return env
+
+
+def fleet_toml(schema: str, prefix: str) -> str:
+    """A collector.toml for one test: its own schema and key prefix on the shared servers."""
+    env = fleet_env()
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    return (
+        '[storage]\nbackend = "postgresql+s3"\n\n'
+        f"[storage.postgresql]\nurl = {q(env['SSHAUDIT_PG_URL'])}\nschema = {q(schema)}\n"
+        "pool_size = 4\n\n"
+        f"[storage.s3]\nendpoint = {q(env['SSHAUDIT_S3_ENDPOINT'])}\n"
+        f"bucket = {q(env['SSHAUDIT_S3_BUCKET'])}\nregion = {q(env['SSHAUDIT_S3_REGION'])}\n"
+        f"prefix = {q(prefix)}\naccess_key_id = {q(env['SSHAUDIT_S3_ACCESS_KEY'])}\n"
+        f"secret_access_key = {q(env['SSHAUDIT_S3_SECRET_KEY'])}\n"
+    )
+
+
+def write_fleet_config(data: Path, schema: str | None = None) -> str:
+    """Make ``data`` (0700) a PostgreSQL + S3 state directory; returns its schema name."""
+    schema = schema or f"t_{uuid.uuid4().hex[:16]}"
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data / CONFIG_NAME
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(fleet_toml(schema, f"{schema.replace('_', '-')}/"))
+    if not _SCHEMAS:
+        atexit.register(_drop_schemas)
+    _SCHEMAS.append(schema)
+    return schema
+
+
+def _drop_schemas() -> None:
+    """At exit: drop the test schemas and delete the objects under their key prefixes."""
+    import boto3
+    import psycopg
+    from botocore.exceptions import BotoCoreError, ClientError
+    from psycopg import sql
+
+    env = fleet_env()
+    try:
+        with psycopg.connect(env["SSHAUDIT_PG_URL"], autocommit=True) as con:
+            for schema in _SCHEMAS:
+                con.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                )
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["SSHAUDIT_S3_ENDPOINT"],
+            region_name=env["SSHAUDIT_S3_REGION"],
+            aws_access_key_id=env["SSHAUDIT_S3_ACCESS_KEY"],
+            aws_secret_access_key=env["SSHAUDIT_S3_SECRET_KEY"],
+        )
+        pages = s3.get_paginator("list_objects_v2")
+        for schema in _SCHEMAS:
+            prefix = f"{schema.replace('_', '-')}/"
+            for page in pages.paginate(Bucket=env["SSHAUDIT_S3_BUCKET"], Prefix=prefix):
+                if page.get("Contents"):
+                    s3.delete_objects(
+                        Bucket=env["SSHAUDIT_S3_BUCKET"],
+                        Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]},
+                    )
+    except (psycopg.Error, BotoCoreError, ClientError) as exc:
+        print(f"collector_helpers: could not clean up the test schemas: {exc}", file=sys.stderr)
+
+
+def prepare_data_dir(data: Path) -> None:
+    """Under ``SSHAUDIT_STORAGE=pg_s3``, give a state directory that has no storage yet its
+    own collector.toml; otherwise (and for a directory in use) nothing."""
+    if STORAGE == "pg_s3" and not (data / CONFIG_NAME).exists() and not (data / DB_NAME).exists():
+        write_fleet_config(data)
+
+
+def open_test_storage(data: Path) -> Storage:
+    """The storage a test's state directory uses (see the module docstring)."""
+    prepare_data_dir(data)
+    return open_storage(data)
+
+
+def local_collector(
+    data: Path, settings: Settings | None = None, *, embedded: bool = False
+) -> Local:
+    """``embedded``: SQLite + files whatever SSHAUDIT_STORAGE says (file-level tests)."""
+    storage = SqliteStorage(data) if embedded else open_test_storage(data)
     clock = Clock()
     ctx = Context(storage, settings or Settings(), clock)
     client = TestClient(create_app(ctx), raise_server_exceptions=False)
@@ -220,6 +351,8 @@ def enroll_direct(storage: Storage, now: datetime, hostname: str = "web-1") -> H
 
 
 def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    if args[:1] == ("init",) and "--data" in args:
+        prepare_data_dir(Path(args[args.index("--data") + 1]))
     return subprocess.run(
         [COLLECTOR, *args], input=stdin, capture_output=True, timeout=60, check=False
     )

@@ -320,7 +320,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_disk_full_is_507_and_loses_nothing(small_disk: Path) -> None:
     (small_disk / "data").mkdir(mode=0o700)
-    loc = local_collector(small_disk / "data")
+    loc = local_collector(small_disk / "data", embedded=True)
     host = loc.enroll()
     sid = new_session_id()
     f = make_sealed(host, sid, [os.urandom(400_000) for _ in range(4)])
