@@ -1,4 +1,5 @@
-"""``sshaudit``: the auditor's command line (keygen, seal, decrypt, info, play, export).
+"""``sshaudit``: the auditor's command line (keygen, seal, decrypt, info, play, export; and
+sessions, download, auth-events against the collector, in auditor/remote_cli.py).
 
 Invariants:
 - every failure the user can cause ends with one ``sshaudit: ...`` line on stderr and a
@@ -47,12 +48,13 @@ def _add(
     summary: str,
     description: str,
     examples: str,
+    exit_status: str = EXIT_STATUS,
 ) -> argparse.ArgumentParser:
     return sub.add_parser(
         name,
         help=summary,
         description=f"{summary}\n\n{description}",
-        epilog=f"examples:\n{examples}\n{EXIT_STATUS}",
+        epilog=f"examples:\n{examples}\n{exit_status}",
         formatter_class=_formatter,
     )
 
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _info_parser(sub)
     _play_parser(sub)
     _export_parser(sub)
+    from sshaudit.auditor.remote_cli import add_remote_parsers  # argparse only: fast
+
+    add_remote_parsers(sub, _add)
     return parser
 
 
