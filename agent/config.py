@@ -132,7 +132,10 @@ class PolicyConfig(BaseModel):
     on_spool_full: Annotated[OnSpoolFull, Field(strict=False)] = OnSpoolFull.REFUSE
     frame_interval: float = Field(default=1.0, gt=0.0, le=60.0, strict=False)
     frame_max_bytes: int = Field(default=65536, ge=1024, le=1 << 20)
-    reconcile_grace: float = Field(default=5.0, gt=0.0, le=600.0, strict=False)
+    handshake_timeout: float = Field(default=30.0, gt=0.0, le=600.0, strict=False)
+    # Longer than the recorder's handshake limit (handshake_timeout): in a burst of
+    # logins a recorder may wait that long to be accepted, and is not 'unrecorded' meanwhile.
+    reconcile_grace: float = Field(default=35.0, gt=0.0, le=600.0, strict=False)
 
 
 class CollectorConfig(BaseModel):

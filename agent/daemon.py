@@ -100,6 +100,9 @@ class AgentDaemon:
             uid=spool_uid,
         )
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool")
+        # Peer checks read /proc: they must not queue behind the spool's fsyncs, or a
+        # burst of logins waits on other sessions' disk writes before it is accepted.
+        self._peer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peer")
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -158,6 +161,7 @@ class AgentDaemon:
         if self.shipping is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.shipping.stop)
         self._pool.shutdown(wait=True)
+        self._peer_pool.shutdown(wait=True)
         with contextlib.suppress(OSError):
             if self.config.socket.stat().st_ino == self._socket_ino:
                 self.config.socket.unlink()
@@ -277,7 +281,8 @@ class AgentDaemon:
         await self.io(file.append, data)
 
     async def check_peer(self, cred: PeerCred) -> Lineage:
-        return await self.io(self._ancestry, cred)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._peer_pool, self._ancestry, cred)
 
     async def make_room(self) -> bool:
         ok, dropped = await self.io(self.spool.make_room)

@@ -3,7 +3,7 @@
 The recorder runs as the logged-in user on every session, so it must start fast and
 must not import the daemon's pydantic model (agent/config.py validates the whole file).
 This reader takes the same TOML file and looks only at ``socket`` and
-``[policy] on_daemon_down`` / ``break_glass_users``.
+``[policy] on_daemon_down`` / ``break_glass_users`` / ``handshake_timeout``.
 
 Invariants: a missing key takes the documented default (docs/agent-config.md); a key that
 is present with a wrong type or value is an error (:class:`ConfigError`), never a silent
@@ -45,19 +45,29 @@ class DownPolicy(StrCode):
     ALLOW: ClassVar[DownPolicy] = member("allow")
 
 
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+
+
 class RecorderConfig(Frozen):
-    __slots__ = ("socket", "on_daemon_down", "break_glass_users")  # noqa: RUF023 (init order)
+    __slots__ = (  # noqa: RUF023 (init order)
+        "socket",
+        "on_daemon_down",
+        "break_glass_users",
+        "handshake_timeout",
+    )
     socket: str
     on_daemon_down: DownPolicy
     break_glass_users: frozenset[str]
+    handshake_timeout: float
 
     def __init__(
         self,
         socket: str = DEFAULT_SOCKET,
         on_daemon_down: DownPolicy = DownPolicy.DENY,
         break_glass_users: frozenset[str] = frozenset(),
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
-        super().__init__(socket, on_daemon_down, break_glass_users)
+        super().__init__(socket, on_daemon_down, break_glass_users, handshake_timeout)
 
     def may_run_unrecorded(self, user: str) -> bool:
         """Whether ``user`` gets a session when recording is impossible."""
@@ -85,7 +95,12 @@ def parse(text: str, source: str = "config") -> RecorderConfig:
     users = policy.get("break_glass_users", [])
     if not isinstance(users, list) or not all(isinstance(u, str) and u for u in users):
         raise ConfigError(f"{source}: policy.break_glass_users must be a list of user names")
-    return RecorderConfig(sock, on_down, frozenset(users))
+    timeout = policy.get("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError(f"{source}: policy.handshake_timeout must be a number of seconds")
+    if not 0 < timeout <= 600:
+        raise ConfigError(f"{source}: policy.handshake_timeout must be in (0, 600]")
+    return RecorderConfig(sock, on_down, frozenset(users), float(timeout))
 
 
 def _full_toml(text: str, source: str) -> dict[str, Any]:

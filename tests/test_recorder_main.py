@@ -352,7 +352,13 @@ def test_silent_daemon_times_out_into_the_policy(
     launcher: Path, tmp_path: Path, stand_in: StandIn
 ) -> None:
     t0 = time.monotonic()
-    done = run_recorder(launcher, tmp_path, socket_path=stand_in.path, command="echo ran")
+    done = run_recorder(
+        launcher,
+        tmp_path,
+        socket_path=stand_in.path,
+        command="echo ran",
+        policy="handshake_timeout = 2.0",
+    )
     assert done.returncode == 1 and done.stderr == (UNAVAILABLE + "\n").encode()
     assert 1.5 < time.monotonic() - t0 < 10
 
