@@ -35,6 +35,7 @@ from sshaudit.collector.models import (
     format_time,
 )
 from sshaudit.collector.problems import ForbiddenError, NotFoundError, UnprocessableError
+from sshaudit.collector.retention import parse_policy as parse_retention
 from sshaudit.collector.storage import (
     AuditEvent,
     AuditorKey,
@@ -227,6 +228,7 @@ def set_policy(storage: Storage, document: Mapping[str, Any], now: datetime, *, 
         check_json(dict(document), MAX_POLICY)
     except ValueError as exc:
         raise UnprocessableError(f"the policy {exc}", code="invalid_policy") from None
+    parse_retention(document)  # a retention part the job could not apply is refused now
     policy = storage.set_policy(document, now)
     storage.audit(AuditEvent(now, actor, "policy_set", "policy", {"version": policy.version}))
     return policy.version

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sshaudit import __version__
-from sshaudit.collector import cli_admin, cli_serve
+from sshaudit.collector import cli_admin, cli_retention, cli_serve
 from sshaudit.collector.cli_common import EXIT_FAILED, EXIT_OK, EXIT_STATUS, EXIT_USAGE, FILES
 from sshaudit.collector.cli_common import formatter as _formatter
 from sshaudit.collector.problems import CollectorError
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli_serve.add_parsers(sub)
     cli_admin.add_parsers(sub)
+    cli_retention.add_parsers(sub)
     return parser
 
 

@@ -81,6 +81,13 @@ def add_parsers(sub: Sub) -> None:
         help="largest recording upload accepted (default 8 MiB)",
     )
     p.add_argument(
+        "--retention-interval",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="run the retention job this often (default hourly; 0: never)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -200,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from sshaudit.collector.app import create_app
     from sshaudit.collector.deps import Context, Settings
+    from sshaudit.collector.retention import Periodic
 
     host, port = parse_listen(args.listen)
     if args.insecure_http and not _is_loopback(host):
@@ -210,6 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = Settings(max_chunk=args.max_chunk)
     except ValueError as exc:
         raise UsageError(f"--max-chunk: {exc}") from exc
+    if args.retention_interval < 0:
+        raise UsageError("--retention-interval: must be 0 (off) or a number of seconds")
     storage = open_data(args.data)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
@@ -228,9 +238,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
+    job = None
+    if args.retention_interval > 0:
+        job = Periodic(storage, args.retention_interval, lambda: datetime.now(UTC))
+        job.start()
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        if job is not None:
+            job.stop()
         sock.close()
         storage.close()
     return EXIT_OK

@@ -8,8 +8,10 @@ Invariants every implementation keeps (tests/test_collector_storage.py checks th
   acknowledged write) before it returns; bytes past the committed length are never served;
 - a session record from one host never becomes another host's; a finished record (status
   other than ``recording``) never changes; an authentication event never changes;
-- nothing in this interface deletes or rewrites a recording, a session record or an event
-  (retention, a separate job, will have its own narrow method that logs every deletion);
+- nothing in this interface deletes or rewrites a recording, a session record or an event,
+  except :meth:`Storage.delete_expired`, called only by the retention job (retention.py; no
+  HTTP route reaches it): it deletes one final, unheld session with its recording and logs
+  a ``retention_delete`` audit event in the same transaction;
 - values cross the interface as frozen dataclasses or frozen pydantic models, times as
   aware UTC datetimes; ids are already validated (collector/ids.py), yet the backends must
   not trust them to build paths or SQL (parameters only).
@@ -53,6 +55,19 @@ class HoldKind(Enum):
     SESSION = "session"
     USER = "user"
     TARGET = "target"
+
+
+class DeleteOutcome(Enum):
+    """What :meth:`Storage.delete_expired` did; anything but DELETED changed nothing."""
+
+    DELETED = "deleted"
+    MISSING = "missing"  # no such session record (already deleted)
+    HELD = "held"  # a legal hold names the session, its user or its host
+    OPEN = "open"  # still recording, or its recording is not sealed yet
+
+
+RETENTION_ACTION = "retention_delete"
+RETENTION_ACTOR = "retention"
 
 
 @dataclass(frozen=True)
@@ -279,6 +294,15 @@ class Storage(Protocol):
     def remove_hold(self, hold_id: str) -> bool: ...
     def audit(self, event: AuditEvent) -> None: ...
     def list_audit(self, after_id: int, limit: int) -> list[AuditEvent]: ...
+
+    # --- retention (collector/retention.py only)
+    def delete_expired(self, session_id: str, reason: str, at: datetime) -> DeleteOutcome:
+        """Delete a session record and its recording, and add a :data:`RETENTION_ACTION`
+        audit event (session id, target, user, reason), in one transaction; re-checks
+        there that no hold names it and that it is final (HELD/OPEN otherwise, nothing
+        changed). Recording bytes go after the commit: a crash in between leaves bytes
+        nothing refers to (never served), not a record without its bytes."""
+        ...
 
     # --- export feed
     def changes(self, after_seq: int, limit: int) -> list[Change]: ...

@@ -129,6 +129,25 @@ class FileBlobs:
         finally:
             os.close(dir_fd)
 
+    def delete(self, host_id: str, session_id: str) -> None:
+        """Unlink a recording file (retention only), without following links; a file
+        already gone is not an error. The directory is synced so the unlink is durable."""
+        dir_name, name = _names(host_id, session_id)
+        try:
+            dir_fd = self._open_dir(dir_name, create=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _os_error(exc, f"opening the directory of host {host_id}") from exc
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        except OSError as exc:
+            raise _os_error(exc, f"deleting {name}") from exc
+        finally:
+            os.close(dir_fd)
+
     def read(
         self, host_id: str, session_id: str, start: int, end: int, block: int = READ_BLOCK
     ) -> BlobReader:

@@ -14,6 +14,9 @@ Invariants (storage.py), and how this backend keeps them with several writers:
   moved and gets ``ConflictError`` with the new length: exactly one wins;
 - an enrollment token is used once: marking it used, adding the host and adding its
   credential are one transaction, guarded by ``used_at IS NULL`` on the locked row;
+- retention deletes rows and logs its audit event in one transaction that first takes
+  ``LOCK TABLE holds IN SHARE MODE`` (a hold added concurrently waits, or is seen), then
+  deletes the objects after the commit: a crash in between leaves objects no part names;
 - audit ids come from the ``audit`` counter (storage_pg_schema.py), so "after N" paging
   never skips an entry another collector commits later.
 """
@@ -22,15 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from sshaudit.collector.problems import ConflictError, StorageError
 from sshaudit.collector.storage import (
+    RETENTION_ACTION,
+    RETENTION_ACTOR,
     AuditEvent,
     AuditorKey,
     CaKey,
+    DeleteOutcome,
     Hold,
     HoldKind,
     Host,
@@ -44,6 +51,8 @@ from sshaudit.collector.storage_pg_config import PgConfig, S3Config
 from sshaudit.collector.storage_pg_db import Cursor, utc, utc_req
 from sshaudit.collector.storage_pg_records import PgRecords, recording_from_row
 from sshaudit.collector.storage_s3 import Part, S3Blobs
+
+log = logging.getLogger("sshaudit.collector")
 
 
 def _token(row: Mapping[str, Any]) -> TokenRecord:
@@ -408,6 +417,60 @@ class PgS3Storage(PgRecords):
             )
             for r in rows
         ]
+
+    # --- retention
+
+    def delete_expired(self, session_id: str, reason: str, at: datetime) -> DeleteOutcome:
+        with self._write() as cur:
+            cur.execute("LOCK TABLE holds IN SHARE MODE")
+            cur.execute(
+                "SELECT s.target_id, s.user_email, s.recording_status, r.state "
+                "FROM sessions s LEFT JOIN recordings r ON r.session_id = s.session_id "
+                "WHERE s.session_id = %s FOR UPDATE OF s",
+                (session_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return DeleteOutcome.MISSING
+            if row["recording_status"] == "recording" or row["state"] == RecordingState.OPEN.value:
+                return DeleteOutcome.OPEN
+            cur.execute(
+                "SELECT 1 FROM holds WHERE (kind = 'session' AND value = %s) "
+                "OR (kind = 'user' AND value = %s) OR (kind = 'target' AND value = %s) LIMIT 1",
+                (session_id, row["user_email"], row["target_id"]),
+            )
+            if cur.fetchone() is not None:
+                return DeleteOutcome.HELD
+            cur.execute(
+                "DELETE FROM recording_parts WHERE session_id = %s RETURNING object_key",
+                (session_id,),
+            )
+            keys = [r["object_key"] for r in cur.fetchall()]
+            cur.execute("DELETE FROM recordings WHERE session_id = %s", (session_id,))
+            cur.execute("DELETE FROM sessions WHERE session_id = %s", (session_id,))
+            detail = {
+                "session_id": session_id,
+                "target_id": row["target_id"],
+                "user_email": row["user_email"],
+                "reason": reason,
+            }
+            cur.execute(
+                "INSERT INTO audit_events (event_id, at, actor, action, subject, detail) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    self._next(cur, "audit"),
+                    at,
+                    RETENTION_ACTOR,
+                    RETENTION_ACTION,
+                    session_id,
+                    json.dumps(detail, sort_keys=True),
+                ),
+            )
+        try:
+            self.blobs.delete(keys)
+        except StorageError as exc:  # committed already: the bytes are unreferenced now
+            log.error("retention: objects of %s left in the store: %s", session_id, exc.message)
+        return DeleteOutcome.DELETED
 
 
 def _check_cover(parts: list[Part], start: int, end: int) -> None:

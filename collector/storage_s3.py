@@ -16,6 +16,8 @@ Invariants:
   refuses bytes damaged in transit;
 - every object read is checked against the length and SHA-256 the database recorded for it:
   an object altered, swapped or cut in the store is a :class:`StorageError`, never served;
+- objects are deleted only by retention (:meth:`S3Blobs.delete`), after the database
+  commit that forgot them;
 - botocore errors are translated here (``StorageFullError`` for a full store,
   ``StorageError`` otherwise); messages name the bucket, never credentials.
 """
@@ -41,6 +43,7 @@ from sshaudit.collector.storage_pg_config import S3Config
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 log = logging.getLogger("sshaudit.collector")
 
@@ -137,6 +140,23 @@ class S3Blobs:
                 f"recording object {part.key} was changed in the object store: not served"
             )
         return data
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete objects (retention only), up to 1000 per request (the S3 DeleteObjects
+        limit); a key already gone is not an error in S3."""
+        for pos in range(0, len(keys), 1000):
+            batch: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys[pos : pos + 1000]]
+            try:
+                resp = self._s3.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise _translate(exc, f"deleting {len(batch)} objects") from exc
+            errors = resp.get("Errors", [])
+            if errors:
+                first = errors[0]
+                log.error("object store refused to delete %s: %s", first.get("Key"), first)
+                raise StorageError(f"object store refused to delete {len(errors)} objects")
 
     def read(self, parts: Sequence[Part], start: int, end: int) -> PartsReader:
         return PartsReader(self, parts, start, end)

@@ -8,12 +8,16 @@ Invariants (storage.py), and how this backend keeps them:
   crash between the two leaves a tail that is never served and is cut off by the next
   append; two writers (threads or processes) are serialised by the flock;
 - an enrollment token is used once: marking it used, adding the host and adding its
-  credential are one transaction, guarded by ``used_at IS NULL``.
+  credential are one transaction, guarded by ``used_at IS NULL``;
+- retention's delete checks holds and state, deletes the rows and logs the audit event in
+  one ``BEGIN IMMEDIATE`` transaction (which also keeps a hold from being added halfway),
+  then unlinks the file: a crash in between leaves a file no row names, never served.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -22,9 +26,12 @@ from typing import Any
 
 from sshaudit.collector.problems import ConflictError, StorageError
 from sshaudit.collector.storage import (
+    RETENTION_ACTION,
+    RETENTION_ACTOR,
     AuditEvent,
     AuditorKey,
     CaKey,
+    DeleteOutcome,
     Hold,
     HoldKind,
     Host,
@@ -40,6 +47,9 @@ from sshaudit.collector.storage_sqlite_records import RecordsDatabase, recording
 
 DB_NAME = "collector.sqlite3"
 RECORDINGS_DIR = "recordings"
+
+
+log = logging.getLogger("sshaudit.collector")
 
 
 def _token(row: sqlite3.Row) -> TokenRecord:
@@ -374,3 +384,61 @@ class SqliteStorage(RecordsDatabase):
             )
             for r in rows
         ]
+
+    # --- retention
+
+    def delete_expired(self, session_id: str, reason: str, at: datetime) -> DeleteOutcome:
+        with self._write() as con:
+            row = con.execute(
+                "SELECT s.target_id, s.user_email, s.recording_status, r.host_id, r.state "
+                "FROM sessions s LEFT JOIN recordings r ON r.session_id = s.session_id "
+                "WHERE s.session_id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is None:
+                return DeleteOutcome.MISSING
+            if row["recording_status"] == "recording" or row["state"] == RecordingState.OPEN.value:
+                return DeleteOutcome.OPEN
+            held = con.execute(
+                "SELECT 1 FROM holds WHERE (kind = ? AND value = ?) OR (kind = ? AND value = ?) "
+                "OR (kind = ? AND value = ?) LIMIT 1",
+                _hold_params(session_id, row["user_email"], row["target_id"]),
+            ).fetchone()
+            if held is not None:
+                return DeleteOutcome.HELD
+            con.execute("DELETE FROM recordings WHERE session_id = ?", (session_id,))
+            con.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+            detail = {
+                "session_id": session_id,
+                "target_id": row["target_id"],
+                "user_email": row["user_email"],
+                "reason": reason,
+            }
+            con.execute(
+                "INSERT INTO audit_events (at, actor, action, subject, detail) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    ts(at),
+                    RETENTION_ACTOR,
+                    RETENTION_ACTION,
+                    session_id,
+                    json.dumps(detail, sort_keys=True),
+                ),
+            )
+        if row["host_id"] is not None:
+            try:
+                self.blobs.delete(row["host_id"], session_id)
+            except StorageError as exc:  # committed already: the file is unreferenced now
+                log.error("retention: file of %s left behind: %s", session_id, exc.message)
+        return DeleteOutcome.DELETED
+
+
+def _hold_params(session_id: str, user_email: str, target_id: str) -> tuple[str, ...]:
+    return (
+        HoldKind.SESSION.value,
+        session_id,
+        HoldKind.USER.value,
+        user_email,
+        HoldKind.TARGET.value,
+        target_id,
+    )
