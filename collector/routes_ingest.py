@@ -117,7 +117,12 @@ async def append_recording(
     return _result(out.recording)
 
 
-@router.get("/v1/sessions/{session_id}/recording/status", tags=["hosts"], responses=_ERRORS)
+# 404 `no_recording` (with "length": 0) tells an agent to start with the prefix
+@router.get(
+    "/v1/sessions/{session_id}/recording/status",
+    tags=["hosts"],
+    responses={**_ERRORS, 404: {"model": ErrorBody}},
+)
 def recording_status(ctx: Ctx, host: HostCaller, session_id: SessionPath) -> UploadResult:
     """What the collector holds of this host's recording: resume uploads from ``length``."""
     rec = ctx.storage.get_recording(session_id)
