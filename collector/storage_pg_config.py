@@ -41,6 +41,14 @@ class Backend(Enum):
     POSTGRESQL_S3 = "postgresql+s3"
 
 
+class LockMode(Enum):
+    """S3 Object Lock retention modes (AWS S3 User Guide, "Object Lock"): COMPLIANCE cannot be
+    shortened or lifted by anyone; GOVERNANCE can, by a user with s3:BypassGovernanceRetention."""
+
+    COMPLIANCE = "COMPLIANCE"
+    GOVERNANCE = "GOVERNANCE"
+
+
 @dataclass(frozen=True)
 class PgConfig:
     url: str = field(repr=False)  # libpq URL or key=value string; may carry a password
@@ -59,6 +67,8 @@ class S3Config:
     secret_access_key: str | None = field(default=None, repr=False)
     ca_bundle: str | None = None  # PEM CA file to verify an https endpoint with
     pool_size: int = 16
+    object_lock_days: int | None = None  # None: objects are written without a retention
+    object_lock_mode: LockMode = LockMode.COMPLIANCE
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,23 @@ def _pg(table: dict[str, Any]) -> PgConfig:
     return out
 
 
+def _lock(table: dict[str, Any], where: str) -> tuple[int | None, LockMode]:
+    days = _take(table, where, "object_lock_days", int, None)
+    mode_name = _take(table, where, "object_lock_mode", str, None)
+    if days is None:
+        if mode_name is not None:
+            raise ConfigError(f"{CONFIG_NAME}: [{where}] object_lock_mode needs object_lock_days")
+        return None, LockMode.COMPLIANCE
+    if not 1 <= days <= 36500:  # the retention policy's own range (docs/collector.md)
+        raise ConfigError(f"{CONFIG_NAME}: [{where}] object_lock_days must be 1..36500")
+    try:
+        return days, LockMode(mode_name or LockMode.COMPLIANCE.value)
+    except ValueError:
+        raise ConfigError(
+            f"{CONFIG_NAME}: [{where}] object_lock_mode must be COMPLIANCE or GOVERNANCE"
+        ) from None
+
+
 def _s3(table: dict[str, Any]) -> S3Config:
     where = "storage.s3"
     bucket = _required(table, where, "bucket")
@@ -133,6 +160,7 @@ def _s3(table: dict[str, Any]) -> S3Config:
         raise ConfigError(
             f"{CONFIG_NAME}: [{where}] access_key_id and secret_access_key go together"
         )
+    days, mode = _lock(table, where)
     out = S3Config(
         bucket=bucket,
         endpoint=_take(table, where, "endpoint", str, None),
@@ -142,6 +170,8 @@ def _s3(table: dict[str, Any]) -> S3Config:
         secret_access_key=secret,
         ca_bundle=_take(table, where, "ca_bundle", str, None),
         pool_size=_pool(table, where),
+        object_lock_days=days,
+        object_lock_mode=mode,
     )
     _no_extra(table, where)
     return out

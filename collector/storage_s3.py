@@ -18,6 +18,13 @@ Invariants:
   an object altered, swapped or cut in the store is a :class:`StorageError`, never served;
 - objects are deleted only by retention (:meth:`S3Blobs.delete`), after the database
   commit that forgot them;
+- with ``object_lock_days`` set, every object is written with an Object Lock retention
+  (mode + retain-until = the injected clock's now + N days) and the store is asked, when
+  :class:`S3Blobs` is made, whether the bucket has Object Lock enabled: a bucket without it
+  is a :class:`ConfigError`, so no object is ever written unprotected by mistake. Since a
+  locked bucket is versioned, a DELETE without a version id only adds a delete marker and
+  the bytes stay: retention then deletes each version by id, which the store refuses while
+  the version is locked (that refusal is a :class:`StorageError` the caller logs);
 - botocore errors are translated here (``StorageFullError`` for a full store,
   ``StorageError`` otherwise); messages name the bucket, never credentials.
 """
@@ -29,9 +36,10 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
@@ -40,6 +48,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sshaudit.collector.ids import is_host_id, is_session_id
 from sshaudit.collector.problems import BadRequestError, StorageError, StorageFullError
 from sshaudit.collector.storage_pg_config import S3Config
+from sshaudit.errors import ConfigError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -49,6 +58,7 @@ log = logging.getLogger("sshaudit.collector")
 
 READ_BLOCK = 256 * 1024
 _FULL_CODES = {"InsufficientStorage", "QuotaExceeded", "EntityTooLarge"}
+_NO_LOCK_CODES = {"ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"}
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,31 @@ def _translate(exc: Exception, what: str) -> StorageError:
     return StorageError(f"object store unreachable ({what}): {type(exc).__name__}")
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def lock_params(config: S3Config, now: datetime) -> dict[str, Any]:
+    """The ``put_object`` parameters that give a new object its Object Lock retention
+    (S3 API PutObject: ``x-amz-object-lock-mode``, ``x-amz-object-lock-retain-until-date``);
+    empty when the configuration asks for no lock. ``now`` must be timezone-aware: the
+    date is an absolute instant and the store compares it with its own UTC clock."""
+    if config.object_lock_days is None:
+        return {}
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("lock_params needs a timezone-aware time")
+    return {
+        "ObjectLockMode": config.object_lock_mode.value,
+        "ObjectLockRetainUntilDate": now.astimezone(UTC) + timedelta(days=config.object_lock_days),
+    }
+
+
 class S3Blobs:
     """The objects of one bucket (and key prefix)."""
 
-    def __init__(self, config: S3Config) -> None:
+    def __init__(self, config: S3Config, clock: Callable[[], datetime] = _utc_now) -> None:
         self.bucket, self.prefix = config.bucket, config.prefix
+        self._config, self._clock = config, clock
         client_config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path" if config.endpoint else "auto"},
@@ -98,6 +128,8 @@ class S3Blobs:
             config=client_config,
         )
         self.ping()
+        if config.object_lock_days is not None:
+            self.check_lock()
 
     def ping(self) -> None:
         """Raise StorageError unless the bucket answers to these credentials."""
@@ -105,6 +137,27 @@ class S3Blobs:
             self._s3.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, f"bucket {self.bucket!r}") from exc
+
+    def check_lock(self) -> None:
+        """Raise ConfigError unless the bucket has Object Lock enabled: S3 can only turn
+        it on for a bucket (and so its versioning), and per-object retention is refused or,
+        worse, silently absent on a bucket without it."""
+        try:
+            resp = self._s3.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) not in _NO_LOCK_CODES:
+                raise _translate(exc, f"object lock of bucket {self.bucket!r}") from exc
+            enabled = None
+        except BotoCoreError as exc:
+            raise _translate(exc, f"object lock of bucket {self.bucket!r}") from exc
+        if enabled != "Enabled":
+            raise ConfigError(
+                f"collector.toml: [storage.s3] object_lock_days is set but bucket "
+                f"{self.bucket!r} does not have S3 Object Lock enabled (it can only be enabled "
+                "on the bucket, e.g. when it is created); remove object_lock_days or use a "
+                "bucket with Object Lock"
+            )
 
     def new_key(self, host_id: str, session_id: str, offset: int) -> str:
         if not is_host_id(host_id) or not is_session_id(session_id) or offset < 0:
@@ -121,6 +174,7 @@ class S3Blobs:
                 ContentLength=len(data),
                 ContentMD5=base64.b64encode(md5).decode(),
                 ContentType="application/octet-stream",
+                **lock_params(self._config, self._clock()),
             )
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, f"writing {key}") from exc
@@ -142,21 +196,54 @@ class S3Blobs:
         return data
 
     def delete(self, keys: Sequence[str]) -> None:
-        """Delete objects (retention only), up to 1000 per request (the S3 DeleteObjects
-        limit); a key already gone is not an error in S3."""
-        for pos in range(0, len(keys), 1000):
-            batch: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys[pos : pos + 1000]]
+        """Delete objects (retention only). A key already gone is not an error in S3. With
+        Object Lock every version of each key is deleted by id (a versionless DELETE would
+        only hide the bytes behind a delete marker); a version still locked is refused by
+        the store, and that refusal is a StorageError after every other object went."""
+        objects: list[ObjectIdentifierTypeDef] = (
+            [{"Key": k} for k in keys]
+            if self._config.object_lock_days is None
+            else self._versions(keys)
+        )
+        refused = 0
+        for pos in range(0, len(objects), 1000):  # the S3 DeleteObjects limit per request
+            refused += self._delete_batch(objects[pos : pos + 1000])
+        if refused:
+            raise StorageError(f"object store refused to delete {refused} objects")
+
+    def _delete_batch(self, batch: list[ObjectIdentifierTypeDef]) -> int:
+        try:
+            resp = self._s3.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc, f"deleting {len(batch)} objects") from exc
+        errors = resp.get("Errors", [])
+        for err in errors[:5]:  # enough to see why (AccessDenied: a lock), not a flood
+            log.error(
+                "object store refused to delete %s (version %s): %s %s",
+                err.get("Key"),
+                err.get("VersionId", "-"),
+                err.get("Code"),
+                err.get("Message", ""),
+            )
+        return len(errors)
+
+    def _versions(self, keys: Sequence[str]) -> list[ObjectIdentifierTypeDef]:
+        """Every version and delete marker of ``keys``, listed once per session folder
+        (all parts of a recording share ``<prefix><host_id>/<session_id>/``)."""
+        wanted = set(keys)
+        out: list[ObjectIdentifierTypeDef] = []
+        for folder in sorted({k.rpartition("/")[0] + "/" for k in wanted}):
+            pages = self._s3.get_paginator("list_object_versions")
             try:
-                resp = self._s3.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
-                )
+                for page in pages.paginate(Bucket=self.bucket, Prefix=folder):
+                    for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                        if v.get("Key") in wanted and "VersionId" in v:
+                            out.append({"Key": v["Key"], "VersionId": v["VersionId"]})
             except (ClientError, BotoCoreError) as exc:
-                raise _translate(exc, f"deleting {len(batch)} objects") from exc
-            errors = resp.get("Errors", [])
-            if errors:
-                first = errors[0]
-                log.error("object store refused to delete %s: %s", first.get("Key"), first)
-                raise StorageError(f"object store refused to delete {len(errors)} objects")
+                raise _translate(exc, f"listing versions under {folder}") from exc
+        return out
 
     def read(self, parts: Sequence[Part], start: int, end: int) -> PartsReader:
         return PartsReader(self, parts, start, end)

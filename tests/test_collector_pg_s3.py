@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +31,7 @@ import boto3
 import psycopg
 import pytest
 import requests
+from botocore.exceptions import ClientError
 from collector_helpers import (
     AUDITOR,
     T0,
@@ -51,10 +54,17 @@ from psycopg import sql
 from sshaudit.collector import admin, ingest, upload
 from sshaudit.collector.models import AuthEvent, SessionRecord
 from sshaudit.collector.problems import ConflictError, StorageError
-from sshaudit.collector.storage import RecordingState, Storage, TokenKind, open_storage
+from sshaudit.collector.storage import (
+    DeleteOutcome,
+    RecordingState,
+    Storage,
+    TokenKind,
+    open_storage,
+)
 from sshaudit.collector.storage_pg import PgS3Storage
-from sshaudit.collector.storage_pg_config import Backend, load_config, parse_config
+from sshaudit.collector.storage_pg_config import Backend, LockMode, load_config, parse_config
 from sshaudit.collector.storage_pg_schema import MIGRATIONS
+from sshaudit.collector.storage_s3 import lock_params
 from sshaudit.collector.storage_sqlite import SqliteStorage
 from sshaudit.errors import ConfigError
 from sshaudit.sealed import Completeness, SealedReader, SignatureStatus
@@ -506,3 +516,138 @@ def test_concurrent_appends_to_both_collectors_exactly_one_wins(pair: Pair) -> N
         assert answers[1 - won].json()["error"] in ("offset_mismatch", "replay_mismatch")
     got = pair.b.client(pair.token("auditor")).get(pair.b.url + path)
     assert got.content == expect
+
+
+# --- S3 Object Lock (issue 4 point 6)
+
+LOCK_BUCKET = "sshaudit-test-lock"
+
+
+def test_object_lock_config_is_parsed_strictly() -> None:
+    s3 = parse_config(TOML).s3
+    assert s3 is not None and s3.object_lock_days is None
+    s3 = parse_config(TOML + "object_lock_days = 30\n").s3
+    assert s3 is not None and s3.object_lock_days == 30
+    assert s3.object_lock_mode is LockMode.COMPLIANCE  # the default: nobody can lift it
+    s3 = parse_config(TOML + "object_lock_days = 7\nobject_lock_mode = 'GOVERNANCE'\n").s3
+    assert s3 is not None and s3.object_lock_mode is LockMode.GOVERNANCE
+    for extra, words in [
+        ("object_lock_mode = 'COMPLIANCE'", "object_lock_mode needs object_lock_days"),
+        ("object_lock_days = 0", r"object_lock_days must be 1\.\.36500"),
+        ("object_lock_days = 36501", r"object_lock_days must be 1\.\.36500"),
+        ("object_lock_days = '30'", "object_lock_days must be an integer"),
+        ("object_lock_days = true", "object_lock_days must be an integer"),
+        ("object_lock_days = 1.5", "object_lock_days must be an integer"),
+        ("object_lock_days = 1\nobject_lock_mode = 'compliance'", "COMPLIANCE or GOVERNANCE"),
+        ("object_lock_days = 1\nobject_lock_mode = 3", "object_lock_mode must be a string"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            parse_config(f"{TOML}{extra}\n")
+
+
+def test_lock_params_are_the_mode_and_now_plus_the_days() -> None:
+    s3 = parse_config(TOML).s3
+    assert s3 is not None
+    assert lock_params(s3, T0) == {}  # no lock configured: plain objects
+    now = datetime(2026, 11, 22, 10, 30, tzinfo=timezone(timedelta(hours=2)))
+    assert lock_params(replace(s3, object_lock_days=30), now) == {
+        "ObjectLockMode": "COMPLIANCE",
+        "ObjectLockRetainUntilDate": datetime(2026, 12, 22, 8, 30, tzinfo=UTC),
+    }
+    gov = replace(s3, object_lock_days=1, object_lock_mode=LockMode.GOVERNANCE)
+    assert lock_params(gov, T0)["ObjectLockMode"] == "GOVERNANCE"
+    with pytest.raises(ValueError, match="timezone-aware"):
+        lock_params(gov, datetime(2026, 11, 22, 9, 0))  # naive: refused
+
+
+def lock_bucket(fleet: dict[str, str]) -> str:
+    """A bucket with Object Lock (S3 can only enable it at creation), made once."""
+    try:
+        s3_client(fleet).create_bucket(Bucket=LOCK_BUCKET, ObjectLockEnabledForBucket=True)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+            raise
+    return LOCK_BUCKET
+
+
+def locked_data(data: Path, bucket: str, days: int = 1) -> Path:
+    """``data``'s collector.toml with the recordings in ``bucket``, locked ``days`` days."""
+    path = data / "collector.toml"
+    bucket_line = f'bucket = "{fleet_env()["SSHAUDIT_S3_BUCKET"]}"'
+    text = path.read_text()
+    assert bucket_line in text and "[storage.s3]" in text.splitlines()[-7:]  # the last table
+    path.write_text(
+        text.replace(bucket_line, f'bucket = "{bucket}"') + f"object_lock_days = {days}\n"
+    )
+    return data
+
+
+def test_a_bucket_without_object_lock_is_refused(data: Path, fleet: dict[str, str]) -> None:
+    locked_data(data, fleet["SSHAUDIT_S3_BUCKET"])  # the shared test bucket has no lock
+    with pytest.raises(ConfigError, match="does not have S3 Object Lock enabled") as exc:
+        open_storage(data)
+    assert fleet["SSHAUDIT_S3_SECRET_KEY"] not in str(exc.value)
+
+
+def finished(store: PgS3Storage, host: Host) -> tuple[str, list[str]]:
+    """A sealed recording with its finished session record; its id and object keys."""
+    sid, sealed = started(store, host)
+    stored = store.get_host(host.host_id)
+    assert stored is not None
+    ingest.append_chunk(store, stored, sid, len(sealed.prefix), sealed.body, T0)
+    doc = record(sid, recording_status="complete", session_finish="2026-11-22T09:05:00Z")
+    ingest.put_session(store, stored, sid, SessionRecord.model_validate(doc), T0)
+    keys = rows(store, "SELECT object_key FROM recording_parts WHERE session_id = %s", sid)
+    return sid, [k["object_key"] for k in keys]
+
+
+def test_locked_objects_carry_their_retention_and_outlive_retention(
+    data: Path, fleet: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = lock_bucket(fleet)
+    store = pg_store(locked_data(data, bucket, days=2))
+    s3 = s3_client(fleet)
+    try:
+        before = datetime.now(UTC)
+        sid, keys = finished(store, enroll_direct(store, T0))
+        after = datetime.now(UTC)
+        assert len(keys) == 2  # the prefix and the rest: each object its own lock
+        for key in keys:
+            head = s3.head_object(Bucket=bucket, Key=key)
+            assert head["ObjectLockMode"] == "COMPLIANCE"
+            until = head["ObjectLockRetainUntilDate"]
+            # S3 keeps the date to the second: allow the truncation below ``before``.
+            assert before + timedelta(days=2, seconds=-1) <= until <= after + timedelta(days=2)
+            retention = s3.get_object_retention(Bucket=bucket, Key=key)["Retention"]
+            assert (retention["Mode"], retention["RetainUntilDate"]) == ("COMPLIANCE", until)
+            with pytest.raises(ClientError) as refused:  # the store itself says no
+                s3.delete_object(Bucket=bucket, Key=key, VersionId=head["VersionId"])
+            assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        with caplog.at_level(logging.ERROR, logger="sshaudit.collector"):
+            assert store.delete_expired(sid, "test", T0) is DeleteOutcome.DELETED
+        assert "refused to delete" in caplog.text and "AccessDenied" in caplog.text
+        assert store.get_session(sid) is None  # the record and its audit event: as always
+        events = rows(store, "SELECT actor FROM audit_events WHERE action = 'retention_delete'")
+        assert events == [{"actor": "retention"}]
+        for key in keys:  # the bytes are still there, current (no delete marker hides them)
+            assert s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    finally:
+        store.close()
+
+
+def test_retention_deletes_every_version_of_unlocked_objects(
+    data: Path, fleet: dict[str, str]
+) -> None:
+    bucket = lock_bucket(fleet)
+    store = pg_store(locked_data(data, bucket))
+    s3 = s3_client(fleet)
+    try:
+        key = f"{store.config.schema.replace('_', '-')}/{'a' * 32}/{new_session_id()}/x"
+        for body in (b"one", b"two"):  # two versions (written past the collector, unlocked)
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+        s3.delete_object(Bucket=bucket, Key=key)  # and a delete marker on top
+        store.blobs.delete([key])
+        listed = s3.list_object_versions(Bucket=bucket, Prefix=key)
+        assert not listed.get("Versions") and not listed.get("DeleteMarkers")
+    finally:
+        store.close()
