@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -282,3 +283,15 @@ def write_root_file(path: Path, text: str, mode: int = 0o755) -> Path:
     os.chown(path, 0, 0)
     path.chmod(mode)
     return path
+
+
+@contextmanager
+def user_scratch(user: UnixUser, tag: str) -> Iterator[Path]:
+    """A fresh directory in ``user``'s home, owned by them, removed afterwards."""
+    path = user.home / f"{tag}-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    os.chown(path, user.uid, user.gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

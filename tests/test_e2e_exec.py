@@ -23,7 +23,7 @@ import pytest
 from agent_harness import Agent
 from e2e_helpers import AgentFactory, Record, Recording, agents, finished, read_recording
 from sshd_harness import SFTP_SERVER, SshdFactory, SshdServer, client_env
-from sshd_host import UnixUser
+from sshd_host import UnixUser, user_scratch
 
 pytestmark = pytest.mark.e2e
 CAP = 64 * 1024
@@ -49,11 +49,8 @@ def agent(root_work_dir: Path) -> Iterator[AgentFactory]:
 @pytest.fixture
 def scratch(alice: UnixUser) -> Iterator[Path]:
     """A directory in alice's home, owned by her, removed afterwards."""
-    path = alice.home / f"e2e-exec-{os.getpid()}-{time.monotonic_ns()}"
-    path.mkdir()
-    os.chown(path, alice.uid, alice.gid)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with user_scratch(alice, "e2e-exec") as path:
+        yield path
 
 
 def recorded_server(sshd_server: SshdFactory, a: Agent) -> SshdServer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 import stat
 import struct
 import subprocess
@@ -40,7 +39,7 @@ from e2e_helpers import (
     under_recorder,
 )
 from sshd_harness import SFTP_SERVER, SshdFactory, SshdServer, client_env
-from sshd_host import UnixUser, write_root_file
+from sshd_host import UnixUser, user_scratch, write_root_file
 
 pytestmark = pytest.mark.e2e
 
@@ -54,11 +53,8 @@ def agent(root_work_dir: Path) -> Iterator[AgentFactory]:
 @pytest.fixture
 def scratch(bob: UnixUser) -> Iterator[Path]:
     """A directory in bob's home, owned by him (marker files go here), removed afterwards."""
-    path = bob.home / f"e2e-sec-{os.getpid()}-{time.monotonic_ns()}"
-    path.mkdir()
-    os.chown(path, bob.uid, bob.gid)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with user_scratch(bob, "e2e-sec") as path:
+        yield path
 
 
 def recorded(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from sshd_harness import SftpMode, SshdFactory, SshdServer
-from sshd_host import UnixUser, write_root_file
+from sshd_host import UnixUser, user_scratch, write_root_file
 
 import sshaudit
 from sshaudit.agent.launcher import write_launcher
@@ -66,11 +65,8 @@ def pair(sshd_server: SshdFactory, recorder: Path) -> tuple[SshdServer, SshdServ
 @pytest.fixture
 def scratch(alice: UnixUser) -> Iterator[Path]:
     """A directory in alice's home, owned by her, removed afterwards."""
-    path = alice.home / f"e2e-{os.getpid()}-{time.monotonic_ns()}"
-    path.mkdir()
-    os.chown(path, alice.uid, alice.gid)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with user_scratch(alice, "e2e") as path:
+        yield path
 
 
 def _as(user: UnixUser, path: Path) -> Path:
