@@ -40,24 +40,8 @@ from sshaudit.collector.storage import (
     StoredSession,
 )
 from sshaudit.collector.storage_pg_db import Cursor, PgDatabase, utc, utc_req
+from sshaudit.collector.storage_sql import EVENT_COLS, SESSION_COLS, SESSION_SELECT
 
-_SESSION_COLS = tuple(SessionRecord.model_fields)
-_EVENT_COLS = tuple(AuthEvent.model_fields)
-_REC_COLS = (
-    "host_id",
-    "header_length",
-    "length",
-    "frames",
-    "state",
-    "created_at",
-    "updated_at",
-    "verified_at",
-)
-_SESSION_SELECT = (
-    "SELECT s.*, "  # noqa: S608 - fixed column names
-    + ", ".join(f"r.{c} AS r_{c}" for c in _REC_COLS)
-    + " FROM sessions s LEFT JOIN recordings r ON r.session_id = s.session_id"
-)
 _PUT_ATTEMPTS = 5
 
 
@@ -83,7 +67,7 @@ def _serial(value: Decimal | int | None) -> int | None:
 
 
 def _session_record(row: Mapping[str, Any]) -> SessionRecord:
-    doc = {c: row[c] for c in _SESSION_COLS}
+    doc = {c: row[c] for c in SESSION_COLS}
     doc["cert_serial"] = _serial(doc["cert_serial"])
     if doc["details"] is not None:
         doc["details"] = json.loads(doc["details"])
@@ -116,7 +100,7 @@ def _stored_session(row: Mapping[str, Any]) -> StoredSession:
 
 
 def _stored_event(row: Mapping[str, Any]) -> StoredAuthEvent:
-    doc = {c: row[c] for c in _EVENT_COLS}
+    doc = {c: row[c] for c in EVENT_COLS}
     doc["cert_serial"] = _serial(doc["cert_serial"])
     return StoredAuthEvent(
         event=AuthEvent.model_validate(doc),
@@ -213,7 +197,7 @@ class PgRecords(PgDatabase):
 
     def get_session(self, session_id: str) -> StoredSession | None:
         with self._read() as cur:
-            cur.execute(_SESSION_SELECT + " WHERE s.session_id = %s", (session_id,))
+            cur.execute(SESSION_SELECT + " WHERE s.session_id = %s", (session_id,))
             row = cur.fetchone()
         return None if row is None else _stored_session(row)
 
@@ -221,7 +205,7 @@ class PgRecords(PgDatabase):
         where, params = _where(
             query.filters, SESSION_FILTERS, "s.", "start_us", "session_id", query
         )
-        text = f"{_SESSION_SELECT}{where} ORDER BY s.start_us DESC, s.session_id DESC LIMIT %s"
+        text = f"{SESSION_SELECT}{where} ORDER BY s.start_us DESC, s.session_id DESC LIMIT %s"
         with self._read() as cur:
             cur.execute(text, (*params, query.limit))
             rows = cur.fetchall()
@@ -269,7 +253,7 @@ class PgRecords(PgDatabase):
     def changes(self, after_seq: int, limit: int) -> list[Change]:
         with self._snapshot() as cur:
             cur.execute(
-                _SESSION_SELECT + " WHERE s.seq > %s ORDER BY s.seq LIMIT %s", (after_seq, limit)
+                SESSION_SELECT + " WHERE s.seq > %s ORDER BY s.seq LIMIT %s", (after_seq, limit)
             )
             srows = cur.fetchall()
             cur.execute(

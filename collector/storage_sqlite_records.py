@@ -29,26 +29,8 @@ from sshaudit.collector.storage import (
     StoredAuthEvent,
     StoredSession,
 )
+from sshaudit.collector.storage_sql import EVENT_COLS, SESSION_COLS, SESSION_SELECT
 from sshaudit.collector.storage_sqlite_db import Database, dt, dt_req, ts
-
-_SESSION_COLS = tuple(SessionRecord.model_fields)
-_EVENT_COLS = tuple(AuthEvent.model_fields)
-_REC_COLS = (
-    "host_id",
-    "header_length",
-    "length",
-    "frames",
-    "state",
-    "created_at",
-    "updated_at",
-    "verified_at",
-)
-# One SELECT for a session and its recording: the recording's columns get an r_ prefix.
-_SESSION_SELECT = (
-    "SELECT s.*, "  # noqa: S608 - fixed column names
-    + ", ".join(f"r.{c} AS r_{c}" for c in _REC_COLS)
-    + " FROM sessions s LEFT JOIN recordings r ON r.session_id = s.session_id"
-)
 
 
 def _insert(con: sqlite3.Connection, table: str, values: Mapping[str, object]) -> None:
@@ -70,7 +52,7 @@ def _session_values(record: SessionRecord) -> dict[str, Any]:
 
 
 def _session_record(row: sqlite3.Row) -> SessionRecord:
-    doc = {c: row[c] for c in _SESSION_COLS}
+    doc = {c: row[c] for c in SESSION_COLS}
     if doc["cert_serial"] is not None:
         doc["cert_serial"] = int(doc["cert_serial"])
     if doc["details"] is not None:
@@ -112,7 +94,7 @@ def _event_values(event: AuthEvent) -> dict[str, Any]:
 
 
 def _stored_event(row: sqlite3.Row) -> StoredAuthEvent:
-    doc = {c: row[c] for c in _EVENT_COLS}
+    doc = {c: row[c] for c in EVENT_COLS}
     doc["allowed"] = bool(doc["allowed"])
     if doc["cert_serial"] is not None:
         doc["cert_serial"] = int(doc["cert_serial"])
@@ -191,7 +173,7 @@ class RecordsDatabase(Database):
 
     def get_session(self, session_id: str) -> StoredSession | None:
         with self._read() as con:
-            row = con.execute(_SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)).fetchone()
+            row = con.execute(SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)).fetchone()
         return None if row is None else _stored_session(row)
 
     def query_sessions(self, query: SessionQuery) -> list[StoredSession]:
@@ -205,7 +187,7 @@ class RecordsDatabase(Database):
             query.until_us,
             query.after,
         )
-        sql = f"{_SESSION_SELECT}{where} ORDER BY s.start_us DESC, s.session_id DESC LIMIT ?"
+        sql = f"{SESSION_SELECT}{where} ORDER BY s.start_us DESC, s.session_id DESC LIMIT ?"
         with self._read() as con:
             rows = con.execute(sql, (*params, query.limit)).fetchall()
         return [_stored_session(r) for r in rows]
@@ -256,7 +238,7 @@ class RecordsDatabase(Database):
     def changes(self, after_seq: int, limit: int) -> list[Change]:
         with self._snapshot() as con:
             srows = con.execute(
-                _SESSION_SELECT + " WHERE s.seq > ? ORDER BY s.seq LIMIT ?", (after_seq, limit)
+                SESSION_SELECT + " WHERE s.seq > ? ORDER BY s.seq LIMIT ?", (after_seq, limit)
             ).fetchall()
             erows = con.execute(
                 "SELECT * FROM auth_events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
