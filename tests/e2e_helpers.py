@@ -134,10 +134,15 @@ def evidence_script(marker: Path) -> str:
     the recorder or before it."""
     return (
         'p=$$; chain=; while [ "$p" -gt 1 ]; do '
-        "c=$(tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null); chain=\"$chain<$c>\"; "
+        # Non-printable bytes (NUL separators, newlines, non-UTF-8) become spaces and
+        # each command line is capped: ancestors above sshd (CI harnesses) can hold
+        # anything, and one marker line must stay one text line.
+        "c=$(LC_ALL=C tr -c '[:print:]' ' ' < /proc/$p/cmdline 2>/dev/null | head -c 512); "
+        'chain="$chain<$c>"; '
         "p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status 2>/dev/null); "
         '[ -n "$p" ] || break; done; '
-        f'echo "$(date +%s.%N) $$ $chain" >> {shlex.quote(str(marker))}\n'
+        # printf, not echo: dash's echo expands backslash escapes found in the text
+        f'printf "%s\\n" "$(date +%s.%N) $$ $chain" >> {shlex.quote(str(marker))}\n'
     )
 
 
@@ -148,7 +153,7 @@ def guarded(script: str) -> str:
 
 def evidence(marker: Path) -> list[str]:
     """The ancestry lines the planted code wrote (none if it never ran)."""
-    return marker.read_text().splitlines() if marker.exists() else []
+    return marker.read_text(errors="replace").splitlines() if marker.exists() else []
 
 
 def under_recorder(line: str, a: Agent) -> bool:
