@@ -204,6 +204,8 @@ class MsgType(IntCode):
     END: ClassVar[MsgType] = member(7)
     DONE: ClassVar[MsgType] = member(8)
     PAM: ClassVar[MsgType] = member(9)
+    # one authentication observation from the principals command (DESIGN.md "Identity")
+    AUTH: ClassVar[MsgType] = member(10)
 
 
 class Stream(IntCode):
@@ -215,7 +217,15 @@ class Stream(IntCode):
 
 
 JSON_TYPES = frozenset(
-    {MsgType.HELLO, MsgType.ACCEPT, MsgType.REFUSE, MsgType.END, MsgType.DONE, MsgType.PAM}
+    {
+        MsgType.HELLO,
+        MsgType.ACCEPT,
+        MsgType.REFUSE,
+        MsgType.END,
+        MsgType.DONE,
+        MsgType.PAM,
+        MsgType.AUTH,
+    }
 )
 
 
