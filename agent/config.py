@@ -28,7 +28,14 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from sshaudit.collector.tls import parse_fingerprint
 from sshaudit.errors import ConfigError, KeyFileError, UsageError
@@ -148,6 +155,33 @@ class CollectorConfig(BaseModel):
     credential_file: Annotated[AbsPath, Field(strict=False)] = Path("/etc/sshaudit/collector.token")
     upload_chunk_bytes: int = Field(default=2 << 20, ge=MIN_UPLOAD_CHUNK, le=MAX_UPLOAD_CHUNK)
     retry_max_seconds: float = Field(default=300.0, ge=1.0, le=86400.0)
+    # How often the daemon fetches CA keys, auditor keys and policy (DESIGN.md "Identity":
+    # rotation reaches hosts within this); the cached copies serve meanwhile.
+    refresh_seconds: float = Field(default=300.0, ge=1.0, le=86400.0)
+
+
+class IdentityConfig(BaseModel):
+    """The ``[identity]`` table (written by ``sshaudit-agent enroll``): where the daemon keeps
+    what it fetches for sshd, and where it reads sshd's log for authentication events."""
+
+    model_config = _FROZEN
+
+    # TrustedUserCAKeys (sshd_config(5)): sshd reads it at every attempt, no reload needed.
+    ca_keys_file: Annotated[AbsPath, Field(strict=False)] = Path("/etc/sshaudit/user_ca_keys.pub")
+    # The cached policy the principals command reads (world-readable, root-owned).
+    policy_file: Annotated[AbsPath, Field(strict=False)] = Path("/var/lib/sshaudit/policy.json")
+    # "journal" (journalctl -o json -f), "off", or the absolute path sshd writes with -E.
+    sshd_log: Annotated[str, Field(min_length=1, max_length=4096)] = "journal"
+    # systemd units journalctl follows (Debian names it ssh, RHEL sshd).
+    journal_units: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9@._-]{1,128}$")], ...] = (
+        "ssh.service",
+        "sshd.service",
+    )
+    # The uid the principals command runs as (AuthorizedPrincipalsCommandUser): the only
+    # non-root peer whose AUTH observations the daemon takes.
+    principals_user: Annotated[str, AfterValidator(lambda v: _user_names((v,))[0])] = (
+        "sshaudit-principals"
+    )
 
 
 class AgentConfig(BaseModel):
@@ -160,10 +194,20 @@ class AgentConfig(BaseModel):
     host_id: Annotated[str, AfterValidator(_host_id)]
     host_key_file: Annotated[AbsPath, Field(strict=False)] = Path("/etc/sshaudit/host.key")
     recipients: tuple[Annotated[AbsPath, Field(strict=False)], ...] = Field(
-        min_length=1, max_length=256, strict=False
+        default=(), max_length=256, strict=False
     )
+    # Every *.pub file in it is a recipient too: the daemon keeps it in step with the
+    # collector's auditor keys (rotation without editing this file).
+    recipients_dir: Annotated[AbsPath | None, Field(strict=False)] = None
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     collector: CollectorConfig | None = None
+    identity: IdentityConfig | None = None
+
+    @model_validator(mode="after")
+    def _some_recipient(self) -> AgentConfig:
+        if not self.recipients and self.recipients_dir is None:
+            raise ValueError("recipients: at least one auditor public key (or recipients_dir)")
+        return self
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -171,7 +215,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             out += f"[{item}]"
-        elif not item.startswith("function-"):
+        elif not item.startswith(("function-", "model-")):
             # pydantic names validators in loc for Annotated chains: keep the key names only.
             out += f".{item}" if out else item
     return out or "(top level)"
@@ -264,13 +308,27 @@ def _read_key_file(path: Path, what: str, private: bool) -> bytes:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+def recipient_files(config: AgentConfig) -> list[Path]:
+    """``recipients`` then the ``*.pub`` files of ``recipients_dir`` (sorted)."""
+    files = list(config.recipients)
+    if config.recipients_dir is not None:
+        try:
+            files += sorted(config.recipients_dir.glob("*.pub"))
+        except OSError as exc:
+            raise ConfigError(f"recipients_dir {config.recipients_dir}: {exc.strerror}") from exc
+    return files
+
+
 def load_sealing_keys(config: AgentConfig) -> SealingKeys:
-    """Read ``recipients`` and ``host_key_file`` (FORMAT.md "Keys" encoding)."""
-    recipients = tuple(
-        AuditorPublicKey(_read_key_file(p, "recipients: auditor public key", private=False))
-        for p in config.recipients
-    )
-    if len({r.kid for r in recipients}) != len(recipients):
-        raise ConfigError("recipients: the same auditor public key is listed twice")
+    """Read the recipients and ``host_key_file`` (FORMAT.md "Keys" encoding)."""
+    found: dict[str, AuditorPublicKey] = {}
+    for p in recipient_files(config):
+        key = AuditorPublicKey(_read_key_file(p, "recipients: auditor public key", private=False))
+        if key.kid in found and p.parent != config.recipients_dir:
+            raise ConfigError("recipients: the same auditor public key is listed twice")
+        found.setdefault(key.kid, key)
+    recipients = tuple(found.values())
+    if not recipients:
+        raise ConfigError(f"recipients_dir {config.recipients_dir}: no auditor public key (*.pub)")
     raw = _read_key_file(config.host_key_file, "host_key_file: host key", private=True)
     return SealingKeys(recipients, Ed25519PrivateKey.from_private_bytes(raw))

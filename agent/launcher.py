@@ -1,4 +1,5 @@
-"""Writes the recorder's launcher: the tiny script sshd's ForceCommand points at.
+"""Writes the launchers sshd runs: the tiny scripts its ForceCommand (the recorder) and its
+AuthorizedPrincipalsCommand (the principals command) point at.
 
     #!<python> -IS
     import sys
@@ -27,18 +28,25 @@ from sshaudit.errors import SSHAuditError, UsageError
 
 TEMPLATE = """\
 #!{python} -IS
-# sshaudit recorder launcher: sshd's ForceCommand (written by sshaudit; do not edit).
+# sshaudit {role} launcher (written by sshaudit; do not edit).
 import sys
 
 sys.path.insert(0, {package_parent!r})
-from sshaudit.agent.record import main
+from {module} import main
 
 raise SystemExit(main())
 """
 _SHEBANG_MAX = 255  # BINPRM_BUF_SIZE - 1 on Linux 5.1+: a longer #! line is cut
 
 
-def render(python: str, package_parent: str) -> str:
+RECORDER = "sshaudit.agent.record"
+# The launchers sshd runs (sshd_config(5) ForceCommand, AuthorizedPrincipalsCommand).
+ROLES = {RECORDER: "recorder (ForceCommand)", "sshaudit.agent.principals": "principals command"}
+
+
+def render(python: str, package_parent: str, module: str = RECORDER) -> str:
+    if module not in ROLES:
+        raise UsageError(f"launcher: unknown module {module!r}")
     for what, value in (("python", python), ("package_parent", package_parent)):
         if not PurePosixPath(value).is_absolute():
             raise UsageError(f"launcher: {what} must be an absolute path: {value!r}")
@@ -46,12 +54,14 @@ def render(python: str, package_parent: str) -> str:
             raise UsageError(f"launcher: {what} contains a newline or NUL")
     if " " in python or "\t" in python or len(python) + 5 > _SHEBANG_MAX:
         raise UsageError(f"launcher: unusable interpreter path for a #! line: {python!r}")
-    return TEMPLATE.format(python=python, package_parent=package_parent)
+    return TEMPLATE.format(
+        python=python, package_parent=package_parent, module=module, role=ROLES[module]
+    )
 
 
-def write_launcher(path: str, python: str, package_parent: str) -> None:
+def write_launcher(path: str, python: str, package_parent: str, module: str = RECORDER) -> None:
     """Write the launcher at ``path`` (0755; root-owned when run as root), atomically."""
-    text = render(python, package_parent).encode("utf-8")
+    text = render(python, package_parent, module).encode("utf-8")
     directory = str(Path(path).absolute().parent)
     try:
         _write_atomically(path, directory, text)

@@ -53,12 +53,13 @@ def read_small(path: Path) -> bytes:
     return data
 
 
-def write_atomic(directory: Path, name: str, data: bytes) -> None:
+def write_atomic(directory: Path, name: str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``directory/name`` with ``data``: a reader sees the old or the new file."""
     tmp = directory / f".{name}.tmp"  # Spool.prepare removes these after a crash
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600)
     try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -13,6 +13,8 @@ from daemon_helpers import KeySet, config_doc, make_keys, toml_text
 
 from sshaudit.agent.config import (
     AgentConfig,
+    CollectorConfig,
+    IdentityConfig,
     OnDaemonDown,
     OnSpoolFull,
     PolicyConfig,
@@ -42,13 +44,15 @@ def test_the_documented_example_loads_with_the_documented_defaults() -> None:
     example = tomllib.loads((DOCS / "agent.example.toml").read_text())
     assert set(example["policy"]) == set(PolicyConfig.model_fields)
     # [collector] is optional and commented out in the example (no shipping by default)
-    assert set(example) - {"policy"} == set(AgentConfig.model_fields) - {"policy", "collector"}
+    optional = {"policy", "collector", "identity", "recipients_dir"}
+    assert set(example) - {"policy"} == set(AgentConfig.model_fields) - optional
 
 
 def test_every_key_is_documented() -> None:
     text = (DOCS / "agent-config.md").read_text()
-    for name in [*AgentConfig.model_fields, *PolicyConfig.model_fields]:
-        if name != "policy":
+    tables = (AgentConfig, PolicyConfig, CollectorConfig, IdentityConfig)
+    for name in [f for model in tables for f in model.model_fields]:
+        if name not in ("policy", "collector", "identity"):
             assert f"| `{name}` |" in text, name
 
 
@@ -91,7 +95,7 @@ def test_policy_values_are_parsed(tmp_path: Path, keys: KeySet) -> None:
     ("change", "key"),
     [
         ({"host_id": None}, "host_id: required key is missing"),
-        ({"recipients": None}, "recipients: required key is missing"),
+        ({"recipients": None}, "recipients: at least one auditor public key"),
         ({"host_id": "web 1"}, "host_id: must be"),
         ({"host_id": 5}, "host_id:"),
         ({"recipients": []}, "recipients:"),
