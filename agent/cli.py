@@ -1,4 +1,5 @@
-"""``sshaudit-agent``: the agent's command line (record, daemon, spool list).
+"""``sshaudit-agent``: the agent's command line (record, principals, daemon, spool list,
+enroll, unenroll, status).
 
 Invariants:
 - this module imports only argparse and sys at module level: ``sshaudit-agent record`` is
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from sshaudit.agent import cli_enroll
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIG = "/etc/sshaudit/agent.toml"
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", default=DEFAULT_CONFIG, help=f"(default: {DEFAULT_CONFIG})"
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    cli_enroll.add_parsers(sub, _formatter)
     return parser
 
 
@@ -180,6 +184,11 @@ def _spool_list(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "principals":
+        # sshd's AuthorizedPrincipalsCommand (the lean launcher is faster; this also works)
+        from sshaudit.agent.principals import main as principals_main
+
+        return principals_main(args_list[1:])
     if args_list and args_list[0] == "record":
         # sshd's ForceCommand: straight to the recorder, which parses its own options.
         from sshaudit.agent.record import main as record_main
@@ -192,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "daemon":
         return _daemon(args)
+    if args.command in ("enroll", "unenroll", "status"):
+        return cli_enroll.run(args)
     return _spool_list(args)  # argparse allows no other command
 
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -40,12 +41,15 @@ import psutil
 from sshaudit.agent import protocol
 from sshaudit.agent.config import AgentConfig, SealingKeys, load_config, load_sealing_keys
 from sshaudit.agent.connection import Inbox, RecorderConnection, choose_identity
+from sshaudit.agent.daemon_auth import pam_observation, principals_observation
+from sshaudit.agent.identity_service import IdentityService
 from sshaudit.agent.peer import (
     AncestryCheck,
     Lineage,
     PeerCred,
     PeerError,
     check_pam_peer,
+    check_principals_peer,
     peer_cred,
 )
 from sshaudit.agent.protocol import Message, MsgType, ProtocolError
@@ -111,6 +115,8 @@ class AgentDaemon:
         self.stopping = False
         self.reconciler: Reconciler | None = None
         self.shipping: ShipperThread | None = None
+        self.identity: IdentityService | None = None
+        self._principals_uid = _uid_of(config.identity.principals_user) if config.identity else None
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -132,6 +138,7 @@ class AgentDaemon:
         # Shipping (agent/shipper_loop.py) runs on its own thread off the spool directory
         # alone, after recovery closed what a previous run left; none without [collector].
         self.shipping = await self.io(start_shipping, self.config)
+        self.identity = await self.io(self._start_identity, loop)
         path = self.config.socket
         await self.io(_prepare_socket_path, path)
         # A burst of logins must queue, not fail: a recorder's connect(2) with a timeout
@@ -158,6 +165,8 @@ class AgentDaemon:
             self._reconcile_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconcile_task
+        if self.identity is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.identity.stop)
         if self.shipping is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.shipping.stop)
         self._pool.shutdown(wait=True)
@@ -221,6 +230,8 @@ class AgentDaemon:
             return
         if first[0].type is MsgType.PAM:
             await self._pam(cred, first[0], writer)
+        elif first[0].type is MsgType.AUTH:
+            await self._auth(cred, first[0], writer)
         elif first[0].type is MsgType.HELLO:
             await RecorderConnection(self, cred, inbox, writer).run(first[0], first[1:])
         else:
@@ -240,6 +251,46 @@ class AgentDaemon:
             await writer.drain()
         log.info("pam %s %s", event.phase.value, _pam_desc(event))
         await self.handle_findings(findings)
+        if self.identity is not None:
+            obs = await self.io(pam_observation, event)  # reads /proc: off the loop
+            if obs is not None:
+                await self.io(self.identity.observe, obs)
+
+    async def _auth(self, cred: PeerCred, msg: Message, writer: asyncio.StreamWriter) -> None:
+        """The principals command's decision about one attempt (agent/principals.py)."""
+        loop = asyncio.get_running_loop()
+        try:
+            monitor = await loop.run_in_executor(
+                self._peer_pool, check_principals_peer, cred, self._principals_uid
+            )
+            obs = principals_observation(msg.json(), monitor)
+        except (PeerError, ProtocolError) as exc:
+            log.warning("AUTH message refused: %s", exc)
+            return
+        writer.write(protocol.encode_json(MsgType.DONE, {}))
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        if self.identity is not None:
+            await self.io(self.identity.observe, obs)
+
+    def _start_identity(self, loop: asyncio.AbstractEventLoop) -> IdentityService:
+        def wake() -> None:
+            if self.shipping is not None:
+                self.shipping.wake()
+
+        def reload_keys() -> None:
+            loop.call_soon_threadsafe(self._reload_keys)
+
+        return IdentityService(self.config, on_keys=reload_keys, on_events=wake).start()
+
+    def _reload_keys(self) -> None:
+        """New auditor keys from the collector: sessions from now on are sealed to them."""
+        try:
+            self.keys = load_sealing_keys(self.config)
+        except SSHAuditError as exc:
+            log.error("auditor keys changed but cannot be loaded (keeping the old): %s", exc)
+            return
+        log.info("sealing to auditor keys %s", ",".join(r.kid for r in self.keys.recipients))
 
     # -- records -------------------------------------------------------------------------
 
@@ -381,6 +432,14 @@ async def _serve_until_signalled(daemon: AgentDaemon) -> None:
         log.info("signal received: stopping")
     finally:
         await daemon.stop()
+
+
+def _uid_of(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        log.warning("principals user %r does not exist: only root may report decisions", name)
+        return None
 
 
 def run_daemon(

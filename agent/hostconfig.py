@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import struct
@@ -133,3 +134,20 @@ def policy_text(settings: HostSettings, fetched_at: datetime) -> str:
         "policy": settings.policy,
     }
     return json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
+
+
+def ca_fingerprints(lines: list[str] | tuple[str, ...]) -> list[str]:
+    """OpenSSH fingerprints (``SHA256:`` + unpadded base64 of the blob's SHA-256) of CA key
+    lines; lines that are not keys are skipped."""
+    out = []
+    for line in lines:
+        words = line.split()
+        if len(words) < 2 or line.startswith("#"):
+            continue
+        try:
+            blob = base64.b64decode(words[1], validate=True)
+        except binascii.Error:
+            continue
+        digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+        out.append("SHA256:" + digest)
+    return out

@@ -194,3 +194,17 @@ def check_pam_peer(cred: PeerCred) -> None:
     """The PAM hook runs as root inside sshd; nobody else may speak for PAM."""
     if cred.uid != 0:
         raise PeerError(f"pid {cred.pid}: a PAM message from uid {cred.uid}, not root")
+
+
+def check_principals_peer(
+    cred: PeerCred, principals_uid: int | None, lookup: ProcLookup = psutil_lookup
+) -> int:
+    """The principals command runs as ``AuthorizedPrincipalsCommandUser`` (or root), a child
+    of sshd's root monitor process for the connection (sshd_config(5)); returns that
+    parent's pid. Anyone else could invent authentication decisions."""
+    if cred.uid not in (0, principals_uid):
+        raise PeerError(f"pid {cred.pid}: an AUTH message from uid {cred.uid}")
+    parent = lookup(lookup(cred.pid).ppid)
+    if parent.uids[1] != 0 or not sshd_executable(parent.exe):
+        raise PeerError(f"pid {cred.pid}: an AUTH message not from a child of a root sshd")
+    return parent.pid

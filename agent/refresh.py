@@ -113,6 +113,7 @@ class Refresher:
         *,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_keys: Callable[[], None] = lambda: None,
+        on_applied: Callable[[HostSettings], None] = lambda settings: None,
     ) -> None:
         assert config.collector is not None
         self.paths = IdentityPaths.of(config)
@@ -121,6 +122,7 @@ class Refresher:
         self.transport = transport
         self.wall = wall
         self.on_keys = on_keys
+        self.on_applied = on_applied
         self.last_success: datetime | None = None
         self.last_error = ""
 
@@ -154,6 +156,7 @@ class Refresher:
             log.warning("refresh failed (keeping the cached keys and policy): %s", exc)
             return False
         self.last_success, self.last_error = self.wall(), ""
+        self.on_applied(settings)
         if changed:
             log.info("refreshed from the collector: %s", ", ".join(changed))
             if any(c.startswith("auditor keys") for c in changed):
