@@ -103,6 +103,13 @@ def add_parsers(sub: Any, formatter: Any) -> None:
         default="sshaudit-principals",
         help="AuthorizedPrincipalsCommandUser: an unprivileged user (default sshaudit-principals)",
     )
+    e.add_argument(
+        "--refresh-seconds",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how often the daemon fetches CA keys, auditor keys and policy (default 300)",
+    )
     e.add_argument("--no-start", action="store_true", help="do not start the daemon")
     e.add_argument(
         "--dry-run", action="store_true", help="print the exact sshd/PAM diff; change nothing"
@@ -178,8 +185,12 @@ def run(args: argparse.Namespace) -> int:
             principals_user=args.principals_user,
             dry_run=args.dry_run,
             start=not args.no_start,
+            refresh_seconds=args.refresh_seconds,
         )
         return enroll.enroll(opts)
     except SSHAuditError as exc:
         sys.stderr.write(f"sshaudit-agent {args.command}: {exc}\n")
         return 2 if isinstance(exc, UsageError) else 1
+    except OSError as exc:  # a file enroll must read or write (named in the message)
+        sys.stderr.write(f"sshaudit-agent {args.command}: {exc}\n")
+        return 1

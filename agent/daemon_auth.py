@@ -47,12 +47,15 @@ def principals_observation(doc: Mapping[str, Any], monitor_pid: int) -> Observat
         else datetime.now(UTC)
     )
     allowed = doc.get("allowed")
+    address, port = _address(_text(doc, "client_address", 64)), _int(doc.get("client_port"), 65535)
+    if not address or port is None:
+        address, port = _peer_of(monitor_pid)  # sshd gives the command no %C (9.2)
     return Observation(
         source=Source.PRINCIPALS,
         time=at,
         kind=Kind.DECISION,
-        client_address=_address(_text(doc, "client_address", 64)),
-        client_port=_int(doc.get("client_port"), 65535),
+        client_address=address,
+        client_port=port,
         unix_user=_text(doc, "unix_user", 64),
         method="certificate",
         allowed=allowed if isinstance(allowed, bool) else False,

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class EnrollOptions:
     principals_user: str = "sshaudit-principals"
     dry_run: bool = False
     start: bool = True
+    refresh_seconds: float = 300.0
 
 
 def _toml(doc: dict[str, Any]) -> str:
@@ -90,6 +92,7 @@ def agent_config_text(opts: EnrollOptions, host_id: str) -> str:
             "url": opts.collector.rstrip("/"),
             "fingerprint": opts.fingerprint,
             "credential_file": str(lay.credential),
+            "refresh_seconds": opts.refresh_seconds,
         },
         "identity": {
             "ca_keys_file": str(lay.ca_keys),
@@ -249,10 +252,7 @@ def unenroll(layout: Layout, say: Say = print, *, force: bool = False) -> int:
     for path in enroll_sshd.created_files(layout):
         path.unlink(missing_ok=True)
     for d in (layout.auditors, layout.backups, layout.libexec):
-        for child in d.glob("*") if d.exists() else ():
-            child.unlink()
-        if d.exists():
-            d.rmdir()
+        shutil.rmtree(d, ignore_errors=True)
     leftover = [p for p in layout.spool.glob("*")] if layout.spool.exists() else []
     if leftover:
         say(f"kept {layout.spool}: {len(leftover)} files not yet shipped")

@@ -32,11 +32,15 @@ from sshaudit.installer.sshd_edit import (
     add_block,
     dropin_text,
     find_dropin_dir,
+    remove_block,
 )
 from sshaudit.pam_module import hook
 
 PRINCIPALS_MODULE = "sshaudit.agent.principals"
-PRINCIPAL_TOKENS = "%u %t %k %i %s %f %C"  # sshd_config(5) TOKENS; %C: merging per attempt
+# sshd_config(5) TOKENS. Not %C: OpenSSH 9.2 does not expand it for this command and drops
+# the connection ("percent_expand: unknown key %C", checked here); the daemon reads the
+# client's address from the sshd monitor process instead (agent/daemon_auth.py).
+PRINCIPAL_TOKENS = "%u %t %k %i %s %f"
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ def plan(
 ) -> Plan:
     main = _read(target.config)
     dropin_dir = find_dropin_dir(main)
-    texts = {str(target.config): main}
+    # Our own block (a re-enroll) is not a conflict: review the file as it was before us.
+    texts = {str(target.config): remove_block(main)}
     first: list[str] = []
     if dropin_dir is not None and dropin_dir.is_dir():
         for conf in sorted(dropin_dir.glob("*.conf")):

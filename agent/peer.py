@@ -205,6 +205,12 @@ def check_principals_peer(
     if cred.uid not in (0, principals_uid):
         raise PeerError(f"pid {cred.pid}: an AUTH message from uid {cred.uid}")
     parent = lookup(lookup(cred.pid).ppid)
-    if parent.uids[1] != 0 or not sshd_executable(parent.exe):
-        raise PeerError(f"pid {cred.pid}: an AUTH message not from a child of a root sshd")
+    # Real uid, not effective: sshd's monitor runs the command with its effective uid
+    # switched to the command user for the moment (temporarily_use_uid, checked on 9.2);
+    # only root can have real uid 0.
+    if parent.uids[0] != 0 or not sshd_executable(parent.exe):
+        raise PeerError(
+            f"pid {cred.pid}: an AUTH message not from a child of a root sshd "
+            f"(parent {parent.pid} {parent.title!r} euid {parent.uids[1]} exe {parent.exe!r})"
+        )
     return parent.pid
