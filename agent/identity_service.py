@@ -47,8 +47,9 @@ class IdentityService:
         self._on_keys = on_keys
         self._on_events = on_events
         self._lock = threading.Lock()
-        # With the PAM hook, an attempt's event waits for its PAM session (session_id).
-        self.merger = AuthMerger(config.host_id, wait_for_session=False)
+        # Enrolled hosts have the PAM hook: an accepted attempt's event waits for its PAM
+        # account and session phases, so they join it instead of making events of their own.
+        self.merger = AuthMerger(config.host_id, wait_for_session=config.identity is not None)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.refresher: Refresher | None = None

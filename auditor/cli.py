@@ -1,5 +1,6 @@
 """``sshaudit``: the auditor's command line (keygen, seal, decrypt, info, play, export; and
-sessions, download, auth-events against the collector, in auditor/remote_cli.py).
+sessions, download, auth-events against the collector, in auditor/remote_cli.py; login,
+the user's certificate from the collector's CA, in auditor/login.py).
 
 Invariants:
 - every failure the user can cause ends with one ``sshaudit: ...`` line on stderr and a
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sshaudit.auditor.remote_cli import add_remote_parsers  # argparse only: fast
 
     add_remote_parsers(sub, _add)
+    from sshaudit.auditor.login import add_login_parser  # argparse only: fast
+
+    add_login_parser(sub, _add)
     return parser
 
 

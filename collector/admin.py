@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from sshaudit.collector import tokens
+from sshaudit.collector import tokens, user_ca
 from sshaudit.collector.ids import is_host_id, is_session_id
 from sshaudit.collector.models import (
     MAX_POLICY,
@@ -74,6 +74,7 @@ def create_token(
     actor: str,
     ttl: timedelta | None,
     comment: str = "",
+    email: str | None = None,
     random_bytes: RandomBytes = os.urandom,
 ) -> tuple[str, TokenRecord]:
     if kind is TokenKind.HOST:
@@ -81,11 +82,26 @@ def create_token(
             "host credentials are made by enrollment only", code="invalid_role"
         )
     _comment(comment)
-    token, record = tokens.new_token(kind, now, ttl=ttl, comment=comment, random_bytes=random_bytes)
+    _token_email(kind, email)
+    token, record = tokens.new_token(
+        kind, now, ttl=ttl, comment=comment, email=email, random_bytes=random_bytes
+    )
     storage.add_token(record)
     detail = {"kind": kind.value, "expires_at": _opt_time(record.expires_at)}
+    if email is not None:
+        detail["email"] = email
     storage.audit(AuditEvent(now, actor, "token_created", record.token_id, detail))
     return token, record
+
+
+def _token_email(kind: TokenKind, email: str | None) -> None:
+    """A user token names its person (the certificate key id); no other kind has one."""
+    if kind is TokenKind.USER:
+        if email is None:
+            raise UnprocessableError("a user token needs an email", code="missing_email")
+        user_ca.check_email(email)
+    elif email is not None:
+        raise UnprocessableError("only user tokens carry an email", code="invalid_email")
 
 
 def revoke_token(storage: Storage, token_id: str, now: datetime, *, actor: str) -> TokenRecord:
@@ -229,6 +245,7 @@ def set_policy(storage: Storage, document: Mapping[str, Any], now: datetime, *, 
     except ValueError as exc:
         raise UnprocessableError(f"the policy {exc}", code="invalid_policy") from None
     parse_retention(document)  # a retention part the job could not apply is refused now
+    user_ca.cert_policy(document)  # and so is a certificates/forwarding part the CA could not
     policy = storage.set_policy(document, now)
     storage.audit(AuditEvent(now, actor, "policy_set", "policy", {"version": policy.version}))
     return policy.version

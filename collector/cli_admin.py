@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from sshaudit.collector import admin, tokens
-from sshaudit.collector.cli_common import EXIT_OK, Sub, add_command, add_data, add_group, open_data
+from sshaudit.collector.cli_common import (
+    EXIT_OK,
+    Sub,
+    add_command,
+    add_data,
+    add_group,
+    open_data,
+    state_dir,
+)
 from sshaudit.collector.models import format_time
 from sshaudit.collector.models_admin import ca_key_out, hold_out, host_out, token_out
 from sshaudit.collector.storage import HoldKind, TokenKind
@@ -63,7 +71,7 @@ def _listing(sub: Sub, name: str, summary: str, handler: Any) -> None:
 def add_parsers(sub: Sub) -> None:
     _token_parsers(add_group(sub, "token", "make, list and revoke API tokens"))
     _keys_parsers(add_group(sub, "keys", "manage the auditor public keys recordings seal to"))
-    _ca_parsers(add_group(sub, "ca", "manage the trusted user CA keys (TrustedUserCAKeys)"))
+    _ca_parsers(add_group(sub, "ca", "the built-in user CA and the trusted user CA keys"))
     _policy_parsers(add_group(sub, "policy", "show or replace the policy sent to agents"))
     hosts = add_group(sub, "hosts", "list enrolled hosts")
     _listing(hosts, "list", "list enrolled hosts and their reported backlog", cmd_hosts_list)
@@ -76,16 +84,22 @@ def _token_parsers(sub: Sub) -> None:
         "create",
         "make a token",
         "Roles: agent (a one-time enrollment token: `sshaudit-agent enroll` exchanges it for\n"
-        "a host credential), auditor (query and download), admin (the /v1/admin API).\n"
-        "Default lifetimes: agent 1d, auditor 90d, admin 30d. The token is printed once,\n"
-        "alone on the last line of stdout; only its SHA-256 is stored.",
+        "a host credential), auditor (query and download), admin (the /v1/admin API),\n"
+        "user (with --email: `sshaudit login` gets SSH certificates from the user CA).\n"
+        "Default lifetimes: agent 1d, auditor 90d, admin 30d, user 30d. The token is printed\n"
+        "once, alone on the last line of stdout; only its SHA-256 is stored.",
         "  sshaudit-collector token create --data DIR --role agent --ttl 2h\n"
+        "  sshaudit-collector token create --data DIR --role user --email jdoe@example.com\n"
         "  TOKEN=$(sshaudit-collector token create --data DIR --role auditor | tail -n1)",
     )
     add_data(p)
     p.add_argument(
-        "--role", required=True, choices=("agent", "auditor", "admin"), help="what it may do"
+        "--role",
+        required=True,
+        choices=("agent", "auditor", "admin", "user"),
+        help="what it may do",
     )
+    p.add_argument("--email", help="role user: whose token (the certificates' key id)")
     p.add_argument("--ttl", metavar="TTL", help="lifetime: 45m, 12h, 30d, 2w or never")
     p.add_argument("--comment", default="", help="who or what it is for (printable ASCII)")
     p.set_defaults(handler=cmd_token_create)
@@ -108,7 +122,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     storage = open_data(args.data)
     try:
         token, record = admin.create_token(
-            storage, kind, _now(), actor=ACTOR, ttl=ttl, comment=args.comment
+            storage, kind, _now(), actor=ACTOR, ttl=ttl, comment=args.comment, email=args.email
         )
     finally:
         storage.close()
@@ -127,7 +141,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         ]
     finally:
         storage.close()
-    cols = ("token_id", "role", "state", "created_at", "expires_at", "host_id", "comment")
+    cols = ("token_id", "role", "state", "created_at", "expires_at", "host_id", "email", "comment")
     _print(rows, args.json, cols)
     return EXIT_OK
 
@@ -201,6 +215,20 @@ def cmd_keys_remove(args: argparse.Namespace) -> int:
 def _ca_parsers(sub: Sub) -> None:
     p = add_command(
         sub,
+        "init",
+        "make the built-in user CA (an Ed25519 key that signs `sshaudit login` certificates)",
+        "Writes DATA/user_ca_key (0600, OpenSSH format), trusts its public key (as `ca add`\n"
+        "would: hosts get it at their next refresh), prints the public key line and its\n"
+        "fingerprint. Refuses when a CA exists, unless --rotate: a new key signs from now on,\n"
+        "the old one stays trusted (certificates it signed keep working) until you\n"
+        "`ca remove` it, at the earliest once they expired (24 h at most).",
+        "  sshaudit-collector ca init --data DIR\n  sshaudit-collector ca init --data DIR --rotate",
+    )
+    add_data(p)
+    p.add_argument("--rotate", action="store_true", help="replace the signing key")
+    p.set_defaults(handler=cmd_ca_init)
+    p = add_command(
+        sub,
         "add",
         "trust user CA public keys",
         "FILE holds OpenSSH public key lines (type base64 [comment]), as ssh-keygen writes\n"
@@ -244,13 +272,40 @@ def cmd_ca_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from sshaudit.collector.user_ca_store import init_ca
+
+    data = state_dir(args.data)
+    storage = open_data(args.data)
+    try:
+        change = init_ca(storage, data, _now(), rotate=args.rotate, actor=ACTOR)
+    finally:
+        storage.close()
+    if change.previous is not None:
+        print(
+            f"rotated: {change.key.fingerprint} signs from now on; {change.previous.fingerprint}"
+            " stays trusted until `ca remove`",
+            file=sys.stderr,
+        )
+    print(change.key.line)
+    print(change.key.fingerprint)
+    return EXIT_OK
+
+
 def cmd_ca_list(args: argparse.Namespace) -> int:
+    from sshaudit.collector.user_ca_store import key_path, signer_key_id
+
+    signing = signer_key_id(key_path(state_dir(args.data)))
     storage = open_data(args.data)
     try:
         rows = [ca_key_out(k).model_dump() for k in storage.list_ca_keys()]
     finally:
         storage.close()
-    _print(rows, args.json, ("key_id", "fingerprint", "added_at", "line"))
+    for row in rows:  # "signs": this is the built-in CA's current key (user_ca_store.py)
+        row["signs"] = "signs" if row["key_id"] == signing else None
+        if args.json:
+            row["signs"] = row["signs"] is not None
+    _print(rows, args.json, ("key_id", "fingerprint", "signs", "added_at", "line"))
     return EXIT_OK
 
 

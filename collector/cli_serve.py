@@ -212,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sshaudit.collector.app import create_app
     from sshaudit.collector.deps import Context, Settings
     from sshaudit.collector.retention import Periodic
+    from sshaudit.collector.user_ca_store import KEY_NAME
 
     host, port = parse_listen(args.listen)
     if args.insecure_http and not _is_loopback(host):
@@ -233,7 +234,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"sshaudit-collector: listening on {scheme}://{where}:{bound}{pin}", file=sys.stderr)
     sys.stderr.flush()
     config = uvicorn.Config(
-        create_app(Context(storage, settings)),
+        create_app(Context(storage, settings, user_ca_key=data / KEY_NAME)),
         ssl_certfile=None if tls is None else str(tls[0]),
         ssl_keyfile=None if tls is None else str(tls[1]),
         log_level=args.log_level,

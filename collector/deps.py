@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
@@ -59,6 +60,7 @@ class Context:
     clock: Callable[[], datetime] = utc_now
     random_bytes: Callable[[int], bytes] = os.urandom
     metrics: Metrics = field(default_factory=Metrics)
+    user_ca_key: Path | None = None  # the built-in user CA's key file (user_ca_store.py)
 
 
 def get_ctx(request: Request) -> Context:
@@ -102,5 +104,6 @@ def actor(token: TokenRecord) -> str:
 AuditorToken = Annotated[TokenRecord, Depends(require(TokenKind.AUDITOR))]
 AdminToken = Annotated[TokenRecord, Depends(require(TokenKind.ADMIN))]
 EnrollmentToken = Annotated[TokenRecord, Depends(require(TokenKind.AGENT))]
+UserToken = Annotated[TokenRecord, Depends(require(TokenKind.USER))]
 AnyToken = Annotated[TokenRecord, Depends(caller)]
 HostCaller = Annotated[Host, Depends(_host)]

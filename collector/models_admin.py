@@ -25,6 +25,7 @@ class Role(Enum):
     AGENT = "agent"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    USER = "user"
 
 
 class TokenCreate(BaseModel):
@@ -35,6 +36,9 @@ class TokenCreate(BaseModel):
         default=None, description="e.g. 30d, 12h, 2w or never; default per role"
     )
     comment: Annotated[str, Field(max_length=256, strict=True)] = ""
+    email: Annotated[str | None, Field(max_length=254, strict=True)] = Field(
+        default=None, description="role user only, and required there: whose token it is"
+    )
 
 
 class TokenCreated(BaseModel):
@@ -54,6 +58,7 @@ class TokenOut(BaseModel):
     used_at: str | None
     host_id: str | None
     comment: str
+    email: str | None = None
 
 
 def _t(moment: Any) -> str | None:
@@ -71,6 +76,7 @@ def token_out(record: TokenRecord, state: str) -> TokenOut:
         used_at=_t(record.used_at),
         host_id=record.host_id,
         comment=record.comment,
+        email=record.email,
     )
 
 

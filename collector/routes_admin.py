@@ -59,7 +59,8 @@ def list_tokens(ctx: Ctx, _: AdminToken) -> list[TokenOut]:
 
 @router.post("/tokens", responses=_ERRORS)
 def create_token(ctx: Ctx, token: AdminToken, body: TokenCreate) -> TokenCreated:
-    """A new agent (enrollment), auditor or admin token: shown once in the answer."""
+    """A new agent (enrollment), auditor, admin or user (with ``email``) token: shown once
+    in the answer."""
     kind = TokenKind(body.role.value)
     try:
         ttl = tokens.DEFAULT_TTL[kind] if body.ttl is None else tokens.parse_ttl(body.ttl)
@@ -72,6 +73,7 @@ def create_token(ctx: Ctx, token: AdminToken, body: TokenCreate) -> TokenCreated
         actor=actor(token),
         ttl=ttl,
         comment=body.comment,
+        email=body.email,
         random_bytes=ctx.random_bytes,
     )
     return TokenCreated(

@@ -36,6 +36,7 @@ class TokenKind(Enum):
     HOST = "host"  # a host's credential: writes that host's sessions and events
     AUDITOR = "auditor"  # query and download
     ADMIN = "admin"  # tokens, keys, CA keys, policy, legal holds
+    USER = "user"  # a person (email): asks the built-in user CA for an SSH certificate
 
 
 class RecordingState(Enum):
@@ -81,6 +82,7 @@ class TokenRecord:
     used_at: datetime | None = None  # enrollment tokens: when they were exchanged
     host_id: str | None = None  # host credentials: the host; enrollment tokens: once used
     comment: str = ""
+    email: str | None = None  # user tokens: whose (the certificate key id); others: None
 
 
 @dataclass(frozen=True)

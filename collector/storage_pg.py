@@ -66,6 +66,7 @@ def _token(row: Mapping[str, Any]) -> TokenRecord:
         used_at=utc(row["used_at"]),
         host_id=row["host_id"],
         comment=row["comment"],
+        email=row["email"],
     )
 
 
@@ -85,7 +86,7 @@ def _host(row: Mapping[str, Any]) -> Host:
 
 _INSERT_TOKEN = (
     "INSERT INTO tokens (token_id, kind, digest, created_at, expires_at, revoked_at, "  # noqa: S105
-    "used_at, host_id, comment) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    "used_at, host_id, comment, email) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 
 
@@ -100,6 +101,7 @@ def _token_values(t: TokenRecord) -> tuple[object, ...]:
         t.used_at,
         t.host_id,
         t.comment,
+        t.email,
     )
 
 

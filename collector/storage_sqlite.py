@@ -63,6 +63,7 @@ def _token(row: sqlite3.Row) -> TokenRecord:
         used_at=dt(row["used_at"]),
         host_id=row["host_id"],
         comment=row["comment"],
+        email=row["email"],
     )
 
 
@@ -82,7 +83,7 @@ def _host(row: sqlite3.Row) -> Host:
 
 _INSERT_TOKEN = (
     "INSERT INTO tokens (token_id, kind, digest, created_at, expires_at, revoked_at, "  # noqa: S105
-    "used_at, host_id, comment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "used_at, host_id, comment, email) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -97,6 +98,7 @@ def _token_values(t: TokenRecord) -> tuple[object, ...]:
         ts(t.used_at),
         t.host_id,
         t.comment,
+        t.email,
     )
 
 

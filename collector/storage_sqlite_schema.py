@@ -85,4 +85,8 @@ V2 = tuple(
     for col in ("program_type", "recording_status")
 )
 
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, V1), (2, V2))
+# V3: user tokens (role ``user``) carry the email the built-in user CA certifies as the key
+# id (collector/user_ca.py); NULL for every other kind.
+V3 = ("ALTER TABLE tokens ADD COLUMN email TEXT",)
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, V1), (2, V2), (3, V3))

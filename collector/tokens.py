@@ -2,7 +2,7 @@
 
 A token is 32 random bytes shown once as ``sa_<kind>_<base64url without padding>``; kinds
 are ``agent`` (a one-time enrollment token), ``host`` (a host's credential, made at
-enrollment), ``auditor`` and ``admin``.
+enrollment), ``auditor``, ``admin`` and ``user`` (a person, by email: ``sshaudit login``).
 
 Invariants: only the SHA-256 of the whole token string is stored, so a database leak gives
 no usable token and the kind in the prefix cannot be changed without changing the hash;
@@ -26,7 +26,7 @@ from sshaudit.collector.storage import Storage, TokenKind, TokenRecord
 from sshaudit.errors import UsageError
 
 SECRET_LEN = 32
-_TOKEN_RE = re.compile(r"sa_(agent|host|auditor|admin)_[A-Za-z0-9_-]{43}")
+_TOKEN_RE = re.compile(r"sa_(agent|host|auditor|admin|user)_[A-Za-z0-9_-]{43}")
 _TTL_RE = re.compile(r"([1-9][0-9]{0,6})([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_TTL = timedelta(days=3650)
@@ -37,6 +37,7 @@ DEFAULT_TTL: dict[TokenKind, timedelta | None] = {
     TokenKind.AGENT: timedelta(days=1),
     TokenKind.AUDITOR: timedelta(days=90),
     TokenKind.ADMIN: timedelta(days=30),
+    TokenKind.USER: timedelta(days=30),
     TokenKind.HOST: None,
 }
 
@@ -56,6 +57,7 @@ def new_token(
     ttl: timedelta | None,
     comment: str = "",
     host_id: str | None = None,
+    email: str | None = None,
     random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> tuple[str, TokenRecord]:
     """A fresh token and the record to store (which holds its hash, never the token)."""
@@ -69,6 +71,7 @@ def new_token(
         expires_at=None if ttl is None else now + ttl,
         host_id=host_id,
         comment=comment,
+        email=email,
     )
     return token, record
 

@@ -197,6 +197,11 @@ def _full_scenario(world: World, client: Any) -> None:
     assert admin.delete(url(f"/v1/admin/auditor-keys/{kid}")).status_code == 204
     revoked = admin.post(url(f"/v1/admin/tokens/{made['token_id']}/revoke")).json()
     assert revoked["state"] == "revoked" and revoked["used_at"] is not None
+    # the built-in user CA (tests/test_collector_user_ca.py): this world has made none
+    body = {"role": "user", "email": "jdoe@example.com"}
+    user = client(admin.post(url("/v1/admin/tokens"), json=body).json()["token"])
+    no_ca = user.post(url("/v1/certificates"), json={"public_key": line})
+    assert (no_ca.status_code, no_ca.json()["error"]) == (409, "no_user_ca")
 
 
 # --- a whole recording, shipped in pieces, resumed, downloaded, decrypted
