@@ -229,9 +229,8 @@ def test_enroll_rolls_back_when_sshd_rejects_the_result(setup: Setup, root_work_
     before = {p: p.read_bytes() for p in (s.sshd.config_path, s.sshd.pam_file)}
     # an sshd whose -t refuses everything: enroll must put every file back
     fake = root_work_dir / "sshd"
-    fake.write_text(
-        f'#!/bin/sh\n[ "$1" = -t ] && {{ echo "line 1: Bad configuration option" >&2; exit 255; }}\nexec {s.sshd.link} "$@"\n'
-    )
+    refuse = '[ "$1" = -t ] && { echo "line 1: Bad configuration option" >&2; exit 255; }'
+    fake.write_text(f'#!/bin/sh\n{refuse}\nexec {s.sshd.link} "$@"\n')
     fake.chmod(0o755)
     argv = s.enroll_argv()
     argv[argv.index("--sshd") + 1] = str(fake)
@@ -239,3 +238,37 @@ def test_enroll_rolls_back_when_sshd_rejects_the_result(setup: Setup, root_work_
     assert done.returncode == 1, done.stdout + done.stderr
     assert "sshd -t refused" in done.stderr and "Bad configuration option" in done.stderr
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_ca_rotation_reaches_the_host_without_a_failed_login(setup: Setup, bob: UnixUser) -> None:
+    """A new CA key added at the collector is trusted within the refresh interval (1 s
+    here); certificates of both keys work; the old key's removal stops its certificates;
+    a current certificate never fails in between."""
+    s = setup
+    done = run(s.enroll_argv())
+    assert done.returncode == 0, done.stdout + done.stderr
+    key_pub = Path(str(s.sshd.env.key.private) + ".pub")
+    old = certify(s.ca, key_pub, s.tmp / "old-ca-cert.pub", "bob@example.com", "sshaudit-bob")
+    new_ca = keygen_ca(s.tmp / "new-ca")
+    new = certify(new_ca, key_pub, s.tmp / "new-ca-cert.pub", "bob@example.com", "sshaudit-bob")
+    assert _cert_login(s, bob, old, "true").returncode == 0
+    assert _cert_login(s, bob, new, "true").returncode == 255  # not trusted yet
+
+    ca_file = s.state / "etc" / "user_ca_keys.pub"
+    new_line = (s.tmp / "new-ca.pub").read_text().split()[1]
+    cli_ok("ca", "add", "--data", str(s.data), str(s.tmp / "new-ca.pub"))
+    wait_until(lambda: new_line in ca_file.read_text(), "the new CA key on the host", 15)
+    for cert in (old, new):  # both trusted during the overlap
+        assert _cert_login(s, bob, cert, "true").returncode == 0
+
+    old_line = (s.tmp / "ca.pub").read_text().split()[1]
+    listed = json.loads(cli_ok("ca", "list", "--data", str(s.data), "--json"))
+    (old_id,) = [k["key_id"] for k in listed if old_line in k["line"]]
+    cli_ok("ca", "remove", "--data", str(s.data), old_id)
+    deadline = time.monotonic() + 15
+    while old_line in ca_file.read_text():
+        # the current certificate keeps working while the host catches up
+        assert _cert_login(s, bob, new, "true").returncode == 0
+        assert time.monotonic() < deadline, "the old CA key was never dropped"
+    assert _cert_login(s, bob, old, "true").returncode == 255
+    assert _cert_login(s, bob, new, "true").returncode == 0
