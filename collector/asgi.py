@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from sshaudit.collector.metrics import Metrics
 from sshaudit.collector.problems import CollectorError
@@ -129,6 +130,25 @@ async def _discard(receive: Receive, seen: int) -> bool:
         if not message.get("more_body", False):
             return True
     return True
+
+
+async def whole_body(request: Request) -> bytes:
+    """The request body as :class:`BodyLimit` buffered it: its one message, taken as is.
+    ``Request.body()`` would copy it again (it joins the body with a final empty chunk),
+    which measurably costs upload throughput (docs/benchmarks.md)."""
+    message = await request.receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        return bytes(body)
+    parts = [body]
+    while message.get("more_body", False):
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
 
 
 class _Replay:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from sshaudit.collector import admin, ingest
+from sshaudit.collector.asgi import whole_body
 from sshaudit.collector.deps import Ctx, EnrollmentToken, HostCaller
 from sshaudit.collector.ids import SESSION_ID_PATTERN
 from sshaudit.collector.models import (
@@ -80,7 +81,7 @@ async def put_recording_prefix(
 ) -> UploadResult:
     """Start a recording with the file's prefix: magic, header length and header, exactly.
     Idempotent: the same bytes again answer 200 and change nothing."""
-    body = await request.body()
+    body = await whole_body(request)
     out = await run_in_threadpool(
         ingest.put_prefix, ctx.storage, host, session_id, body, ctx.clock()
     )
@@ -104,7 +105,7 @@ async def append_recording(
     """Append whole frames (optionally ending with the signature trailer) at ``offset``,
     which must be the stored length (409 with ``length`` otherwise; a replay of stored bytes
     answers 200). A trailer is verified against the enrolled host key first (422 if not)."""
-    body = await request.body()
+    body = await whole_body(request)
     out = await run_in_threadpool(
         ingest.append_chunk, ctx.storage, host, session_id, offset, body, ctx.clock()
     )
