@@ -13,6 +13,7 @@ are byte-identical to before, and the plain key logs in again without the ForceC
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -272,3 +273,52 @@ def test_ca_rotation_reaches_the_host_without_a_failed_login(setup: Setup, bob: 
         assert time.monotonic() < deadline, "the old CA key was never dropped"
     assert _cert_login(s, bob, old, "true").returncode == 255
     assert _cert_login(s, bob, new, "true").returncode == 0
+
+
+def _password_attempt(server: SshdServer, user: str) -> str:
+    """A client that insists on a password (OpenSSH's ssh never sends one the server does
+    not offer): paramiko sends the userauth request anyway, as a brute-force tool would."""
+    import paramiko
+
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=10)
+        try:
+            transport.auth_password(user, "hunter2")
+        except paramiko.AuthenticationException as exc:
+            return type(exc).__name__
+        return "accepted"
+    finally:
+        transport.close()
+
+
+def test_password_and_forwarding_attempts_are_denied_and_logged(
+    setup: Setup, bob: UnixUser
+) -> None:
+    s = setup
+    done = run(s.enroll_argv())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _password_attempt(s.sshd, bob.name) != "accepted"
+    key_pub = Path(str(s.sshd.env.key.private) + ".pub")
+    good = certify(s.ca, key_pub, s.tmp / "fw-cert.pub", "fw@example.com", "sshaudit-bob")
+    # stdio forwarding (a direct-tcpip channel) while forwarding is off: refused by sshd
+    fw = s.sshd.ssh(bob, extra_opts=("-o", f"CertificateFile={good}", "-W", "127.0.0.1:9"))
+    assert fw.returncode != 0
+
+    def logged() -> list[dict[str, Any]]:
+        events = s.auth_events()
+        # sshd 9.2 logs nothing about a password request while passwords are off, only
+        # that the connection closed unauthenticated: that is the event (docs/sshd-setup.md)
+        password = [
+            e for e in events if not e["allowed"] and "before authentication" in e["reason"]
+        ]
+        forwarding = [e for e in events if e["method"] == "forwarding" and not e["allowed"]]
+        return password + forwarding if password and forwarding else []
+
+    events = wait_until(logged, "the password and forwarding events", timeout=40)
+    text = " | ".join(f"{e['method']}:{e['unix_user']}:{e['reason']}" for e in events)
+    assert any(
+        "before authentication" in e["reason"] and e["unix_user"] == bob.name for e in events
+    ), text
+    assert any("forward" in e["reason"] for e in events if e["method"] == "forwarding"), text
