@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="record one SSH session (sshd's ForceCommand; runs as the user)",
         add_help=False,
     )
+    sub.add_parser(
+        "principals",
+        help="sshd's AuthorizedPrincipalsCommand: principals allowed for %%u (see docs/policy.md)",
+        add_help=False,
+    )
     daemon = sub.add_parser(
         "daemon",
         help="run the agent daemon (root, foreground, logs to stderr)",

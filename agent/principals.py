@@ -3,10 +3,11 @@
     principals --policy FILE --socket SOCK [--timeout SECONDS] %u %t %k %i %s %f [%C]
 
 sshd_config(5) TOKENS: %u the unix user, %t the certificate key type, %k the certificate
-(base64), %i its key id, %s its serial, %f the certified key's fingerprint, %C the
-connection ("client-addr client-port server-addr server-port"). sshd splits the command
-line into words first and expands tokens inside each word (auth2-pubkey.c argv_split, then
-percent_expand), so %C arrives as ONE word holding four; four separate words are taken too.
+(base64), %i its key id, %s its serial, %f the certified key's fingerprint. An optional
+connection word (%C: "client-addr client-port server-addr server-port", as one word or
+four) is taken when given, but OpenSSH 9.2 refuses %C for this command ("percent_expand:
+unknown key %C", the connection is dropped): enroll does not pass it, and the daemon finds
+the client's address from sshd's monitor process instead.
 
 It prints the principals allowed for %u (agent/principals_policy.py decides, from the
 policy the daemon cached) one per line on stdout, then sends ONE authentication
@@ -62,7 +63,7 @@ _B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 _ADDR = frozenset("0123456789abcdefABCDEF.:%")
 
 USAGE = """\
-usage: principals --policy FILE --socket SOCK [--timeout SECONDS] %u %t %k %i %s %f %C
+usage: principals --policy FILE --socket SOCK [--timeout SECONDS] %u %t %k %i %s %f
 
 sshd's AuthorizedPrincipalsCommand (sshd_config(5)): prints the principals allowed to log
 in as %u from the cached policy, one per line, and reports the decision to the agent daemon
