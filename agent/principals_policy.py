@@ -39,7 +39,7 @@ MAX_FILE_LINES = 1000
 MAX_SHOWN = 8  # principals quoted in a reason
 
 # certificate key type -> (plain key type, number of key-specific string/mpint fields),
-# PROTOCOL.certkeys; the same table as agent/sshcert.py (which imports dataclasses: too slow)
+# PROTOCOL.certkeys; agent/sshcert.py uses it too (this module stays lean for the login path)
 CERT_TYPES: dict[str, tuple[str, int]] = {
     "ssh-rsa-cert-v01@openssh.com": ("ssh-rsa", 2),  # e, n
     "ssh-dss-cert-v01@openssh.com": ("ssh-dss", 4),  # p, q, g, y

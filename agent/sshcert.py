@@ -23,6 +23,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from sshaudit.agent.principals_policy import CERT_TYPES
 from sshaudit.errors import FormatError
 
 MAX_AUTH_INFO = 64 * 1024
@@ -30,17 +31,8 @@ MAX_PRINCIPALS = 256
 USER_CERT = 1
 HOST_CERT = 2
 
-# certificate key type -> (plain key type, number of key-specific string/mpint fields)
-_CERT_TYPES: dict[str, tuple[str, int]] = {
-    "ssh-rsa-cert-v01@openssh.com": ("ssh-rsa", 2),  # e, n
-    "ssh-dss-cert-v01@openssh.com": ("ssh-dss", 4),  # p, q, g, y
-    "ecdsa-sha2-nistp256-cert-v01@openssh.com": ("ecdsa-sha2-nistp256", 2),  # curve, Q
-    "ecdsa-sha2-nistp384-cert-v01@openssh.com": ("ecdsa-sha2-nistp384", 2),
-    "ecdsa-sha2-nistp521-cert-v01@openssh.com": ("ecdsa-sha2-nistp521", 2),
-    "ssh-ed25519-cert-v01@openssh.com": ("ssh-ed25519", 1),  # pk
-    "sk-ecdsa-sha2-nistp256-cert-v01@openssh.com": ("sk-ecdsa-sha2-nistp256@openssh.com", 3),
-    "sk-ssh-ed25519-cert-v01@openssh.com": ("sk-ssh-ed25519@openssh.com", 2),  # pk, app
-}
+# certificate key type -> (plain key type, number of key-specific fields): PROTOCOL.certkeys
+_CERT_TYPES = CERT_TYPES
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 

@@ -41,9 +41,7 @@ _FORWARDING = {
 
 
 @dataclass(frozen=True)
-class Conflict:
-    """A line that stops enroll; ``message`` says why and what to do."""
-
+class _Finding:
     file: str
     line_no: int
     line: str
@@ -54,16 +52,13 @@ class Conflict:
 
 
 @dataclass(frozen=True)
-class Note:
+class Conflict(_Finding):
+    """A line that stops enroll; ``message`` says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Note(_Finding):
     """A line enroll works with (merges or overrides); shown to the admin."""
-
-    file: str
-    line_no: int
-    line: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line_no}: {self.message}\n    {self.line.strip()}"
 
 
 @dataclass(frozen=True)
