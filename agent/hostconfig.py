@@ -44,6 +44,17 @@ CA_KEY_TYPES = frozenset(
     }
 )
 _COMMENT_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
+# How many SSH strings (RFC 4251 section 5: string/mpint) each public key blob holds, type
+# name included (RFC 8709 ed25519, RFC 5656 ecdsa, RFC 4253 rsa, OpenSSH PROTOCOL.u2f sk-*).
+_BLOB_FIELDS = {
+    "ssh-ed25519": 2,
+    "ecdsa-sha2-nistp256": 3,
+    "ecdsa-sha2-nistp384": 3,
+    "ecdsa-sha2-nistp521": 3,
+    "ssh-rsa": 3,
+    "sk-ssh-ed25519@openssh.com": 3,
+    "sk-ecdsa-sha2-nistp256@openssh.com": 4,
+}
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,23 @@ def _ca_line(line: object) -> str:
     (n,) = struct.unpack(">I", blob[:4])
     if blob[4 : 4 + n] != words[0].encode():
         raise ConfigError(f"ca_keys: {words[0]} key blob names another key type")
+    if _ssh_strings(blob) != _BLOB_FIELDS[words[0]]:
+        raise ConfigError(f"ca_keys: {words[0]} key blob is truncated or has extra bytes")
     return f"{words[0]} {words[1]}"
+
+
+def _ssh_strings(blob: bytes) -> int:
+    """How many complete SSH strings ``blob`` is made of; -1 when it ends inside one."""
+    count, at = 0, 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return -1
+        (n,) = struct.unpack(">I", blob[at : at + 4])
+        at += 4 + n
+        if at > len(blob):
+            return -1
+        count += 1
+    return count
 
 
 def _auditor_key(item: object) -> AuditorPublicKey:

@@ -182,7 +182,7 @@ def test_codes_behave_as_enums() -> None:
         "<MsgType.DONE: 8>",
     )
     assert Stream(ord("e")) is Stream.ERROR and isinstance(Stream.ERROR, Stream)
-    for bad in (0, 10, "1", None, [1]):
+    for bad in (0, 11, "1", None, [1]):
         with pytest.raises(ValueError, match="is not a valid MsgType"):
             MsgType(bad)
     assert DownPolicy("allow") is DownPolicy.ALLOW and DownPolicy.ALLOW.value == "allow"
