@@ -92,6 +92,7 @@ class AuthMerger:
         max_pending: int = 10_000,
         trusted_cas: Iterable[str] = (),
         wait_for_session: bool = False,
+        wait_for_log: bool = False,
     ) -> None:
         if _HOST_ID.fullmatch(target_id) is None:
             raise UsageError(f"not a host id: {target_id!r}")
@@ -105,6 +106,7 @@ class AuthMerger:
         if trusted_cas:
             self.set_trusted_cas(trusted_cas)
         self._wait_for_session = wait_for_session
+        self._wait_for_log = wait_for_log
         self._pending: OrderedDict[int, _Attempt] = OrderedDict()
         self._by_key: dict[ConnKey, _Attempt] = {}
         self._by_pid: dict[int, _Attempt] = {}
@@ -146,9 +148,21 @@ class AuthMerger:
         self._attach(attempt, obs)
         if obs.source is Source.SSHD_LOG and obs.pid is None and obs.kind in _JOINS_ORPHANS:
             self._adopt_orphans(attempt, obs.client_address)
-        if obs.kind in _FINAL or (obs.kind is Kind.ACCEPTED and not self._wait_for_session):
+        if self._decided(attempt, obs.kind):
             events.extend(self._finish(attempt))
         return events
+
+    def _decided(self, attempt: _Attempt, kind: Kind) -> bool:
+        """Whether ``kind`` completes ``attempt``. With ``wait_for_log``, a PAM session
+        waits for sshd's Accepted line (the log is read a little later than PAM reports),
+        or else that line would open a second event for the same login; ``settle`` bounds
+        the wait when the line never comes."""
+        seen = {o.kind for o in attempt.obs}
+        if kind is Kind.SESSION_OPEN:
+            return not self._wait_for_log or Kind.ACCEPTED in seen
+        if kind is Kind.ACCEPTED:
+            return not self._wait_for_session or Kind.SESSION_OPEN in seen
+        return kind in _FINAL
 
     def tick(self, now: datetime) -> list[dict[str, Any]]:
         """Emit attempts and unattached reasons quiet for ``settle`` seconds."""

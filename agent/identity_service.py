@@ -49,7 +49,12 @@ class IdentityService:
         self._lock = threading.Lock()
         # Enrolled hosts have the PAM hook: an accepted attempt's event waits for its PAM
         # account and session phases, so they join it instead of making events of their own.
-        self.merger = AuthMerger(config.host_id, wait_for_session=config.identity is not None)
+        ident = config.identity
+        self.merger = AuthMerger(
+            config.host_id,
+            wait_for_session=ident is not None,
+            wait_for_log=ident is not None and ident.sshd_log != "off",
+        )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.refresher: Refresher | None = None

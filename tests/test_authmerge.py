@@ -321,3 +321,37 @@ def test_bad_arguments() -> None:
     m.add(sshd("Invalid user z from 192.0.2.1 port 9"))
     (event,) = m.flush()
     assert len(event["event_id"]) == 32 and int(event["event_id"], 16) >= 0  # uuid4 hex
+
+
+def _login_sources(pid: int) -> list[Observation]:
+    """One certificate login as an enrolled host sees it: the principals command and the
+    PAM hook report first (with the monitor's pid), sshd's log line is read later."""
+
+    def source(src: Source, kind: Kind, at: float) -> Observation:
+        return Observation(
+            src, T0 + timedelta(seconds=at), kind, "127.0.0.1", 40022, "bob",
+            "certificate", True, "", "bob@example.com", 7, FP, pid=pid,
+        )  # fmt: skip
+
+    accepted = sshd(
+        f"Accepted publickey for bob from 127.0.0.1 port 40022 ssh2: ED25519-CERT {FP} "
+        f"ID bob@example.com (serial 7) CA ED25519 {CAFP}",
+        at=0.3,
+    )
+    return [
+        source(Source.PRINCIPALS, Kind.DECISION, 0.0),
+        source(Source.PAM, Kind.ACCOUNT, 0.1),
+        source(Source.PAM, Kind.SESSION_OPEN, 0.2),
+        accepted,
+    ]
+
+
+@pytest.mark.parametrize("wait_for_log", [True, False])
+def test_a_login_seen_by_pam_before_the_log_line_is_one_event(wait_for_log: bool) -> None:
+    m = merger(wait_for_session=True, wait_for_log=wait_for_log)
+    events = [e for obs in _login_sources(4321) for e in m.add(obs)]
+    events += m.tick(T0 + timedelta(seconds=30)) + m.flush()
+    allowed = [e for e in check(events) if e["allowed"]]
+    # without wait_for_log, the late Accepted line makes a second event: the bug it fixes
+    assert len(allowed) == (1 if wait_for_log else 2), events
+    assert allowed[0]["user_email"] == "bob@example.com"
