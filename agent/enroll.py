@@ -60,6 +60,17 @@ class EnrollOptions:
     refresh_seconds: float = 300.0
 
 
+def _toml_string(value: str) -> str:
+    """A TOML 1.0 basic string. JSON's escapes are TOML's, except that TOML has no
+    surrogate-pair escapes (``\\ud83d\\ude00``, which ``ensure_ascii`` makes of a character
+    beyond U+FFFF) and needs U+007F escaped: so non-ASCII is written as UTF-8, DEL escaped."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"not UTF-8 text (cannot go in agent.toml): {value!r}") from None
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml(doc: dict[str, Any]) -> str:
     """TOML for the flat agent config (JSON strings are TOML basic strings)."""
     lines, tables = [], []
@@ -71,7 +82,7 @@ def _toml(doc: dict[str, Any]) -> str:
             return "true" if v else "false"
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(v)
+        return _toml_string(v) if isinstance(v, str) else json.dumps(v)
 
     out = ["# sshaudit agent configuration (written by sshaudit-agent enroll)"]
     out += [f"{k} = {val(v)}" for k, v in lines]
@@ -223,7 +234,14 @@ def enroll(opts: EnrollOptions, say: Say = print) -> int:
         write_atomic(lay.lib, lay.enrollment.name, json.dumps(record, indent=1).encode(), 0o600)
     if opts.start:
         say(enroll_proc.start_daemon(lay))
-    changed = enroll_sshd.apply(opts.sshd, lay, opts.principals_user, settings.policy, say)
+    try:
+        changed = enroll_sshd.apply(opts.sshd, lay, opts.principals_user, settings.policy, say)
+    except BaseException:
+        # sshd's files are back as they were: no daemon either. The credential stays, so
+        # running enroll again after fixing the cause needs no new token.
+        if opts.start:
+            say(enroll_proc.stop_daemon(lay))
+        raise
     if changed:
         say(enroll_proc.sshd_reload(opts.sshd.binary, opts.sshd.config))
     else:

@@ -12,7 +12,10 @@ are byte-identical to before, and the plain key logs in again without the ForceC
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,6 +139,10 @@ def setup(tmp_path: Path, root_work_dir: Path, sshd_server: SshdFactory) -> Iter
         yield s
     finally:
         run([AGENT, "unenroll", "--force", "--state-dir", str(s.state)])
+        pid_file = s.state / "run" / "daemon.pid"
+        if pid_file.exists():  # unenroll failed: never leave a daemon behind
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
         server.stop()
         log = s.state / "lib" / "daemon.log"
         if log.exists():
