@@ -29,7 +29,9 @@ from enum import Enum
 from typing import Any, Protocol, TypeVar
 
 from sshaudit.agent import protocol
+from sshaudit.agent.authlog import Observation
 from sshaudit.agent.config import AgentConfig, PolicyConfig, SealingKeys
+from sshaudit.agent.daemon_auth import session_observation
 from sshaudit.agent.peer import Lineage, PeerCred, PeerError
 from sshaudit.agent.protocol import Message, MsgType, ProtocolError
 from sshaudit.agent.reconcile import Finding, Reconciler
@@ -118,6 +120,7 @@ class Daemon(Protocol):
     async def check_peer(self, cred: PeerCred) -> Lineage: ...
     async def make_room(self) -> bool: ...
     async def handle_findings(self, findings: list[Finding]) -> None: ...
+    async def observe_auth(self, obs: Observation) -> None: ...
 
 
 class Inbox:
@@ -323,6 +326,10 @@ class RecorderConnection:
             await d.handle_findings(d.reconciler.recorder_started(self.lineage.priv_pid, sid))
         except (OSError, SSHAuditError) as exc:  # a note on another record: not this one's
             log.error("session %s: updating an unrecorded record failed: %s", sid, exc)
+        # the login's authentication event names its session
+        await d.observe_auth(
+            session_observation(self.lineage.priv_pid, sid, self.lineage.user, d.wall())
+        )
         log.info(
             "session %s accepted: user=%r uid=%d pid=%d priv_pid=%d program=%s command=%r",
             sid,

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import psutil
 
 from sshaudit.agent import protocol
+from sshaudit.agent.authlog import Observation
 from sshaudit.agent.config import AgentConfig, SealingKeys, load_config, load_sealing_keys
 from sshaudit.agent.connection import Inbox, RecorderConnection, choose_identity
 from sshaudit.agent.daemon_auth import pam_observation, principals_observation
@@ -254,7 +255,12 @@ class AgentDaemon:
         if self.identity is not None:
             obs = await self.io(pam_observation, event)  # reads /proc: off the loop
             if obs is not None:
-                await self.io(self.identity.observe, obs)
+                await self.observe_auth(obs)
+
+    async def observe_auth(self, obs: Observation) -> None:
+        """Hand one authentication observation to the merger (agent/identity_service.py)."""
+        if self.identity is not None:
+            await self.io(self.identity.observe, obs)
 
     async def _auth(self, cred: PeerCred, msg: Message, writer: asyncio.StreamWriter) -> None:
         """The principals command's decision about one attempt (agent/principals.py)."""
@@ -270,8 +276,7 @@ class AgentDaemon:
         writer.write(protocol.encode_json(MsgType.DONE, {}))
         with contextlib.suppress(OSError):
             await writer.drain()
-        if self.identity is not None:
-            await self.io(self.identity.observe, obs)
+        await self.observe_auth(obs)
 
     def _start_identity(self, loop: asyncio.AbstractEventLoop) -> IdentityService:
         def wake() -> None:

@@ -80,9 +80,27 @@ def _peer_of(pid: int) -> tuple[str, int | None]:
     return "", None
 
 
+def session_observation(priv_pid: int, session_id: str, user: str, at: datetime) -> Observation:
+    """A recorder started for the connection of sshd monitor ``priv_pid``: this is what
+    completes the login's event, so it carries the session id (DESIGN.md: ``session_id``,
+    when a session followed). A login whose recorder never comes is completed by the
+    merger's settle time instead, without one."""
+    return Observation(
+        source=Source.PAM,
+        time=at,
+        kind=Kind.SESSION_OPEN,
+        unix_user=user,
+        allowed=True,
+        pid=priv_pid,
+        session_id=session_id,
+    )
+
+
 def pam_observation(event: PamEvent) -> Observation | None:
-    """``account`` (sshd's pam_acct_mgmt passed) and ``open_session``; None for the rest."""
-    kinds = {PamPhase.ACCOUNT: Kind.ACCOUNT, PamPhase.OPEN: Kind.SESSION_OPEN}
+    """``account`` (sshd's pam_acct_mgmt passed) and ``open_session`` (both "allowed so
+    far": the recorder's start completes the login, :func:`session_observation`); None for
+    the rest."""
+    kinds = {PamPhase.ACCOUNT: Kind.ACCOUNT, PamPhase.OPEN: Kind.ACCOUNT}
     kind = kinds.get(event.phase)
     if kind is None or event.queued:
         return None

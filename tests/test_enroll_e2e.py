@@ -220,6 +220,8 @@ def test_enroll_records_certificate_logins_logs_denials_and_unenroll_restores(
     reasons = " | ".join(f"{e['allowed']}:{e['unix_user']}:{e['reason']}" for e in events)
     allowed = [e for e in events if e["allowed"]]
     assert any(e["user_email"] == "sshaudit-bob@example.com" for e in allowed), reasons
+    # the login's event names the session that followed it
+    assert session["session_id"] in {e["session_id"] for e in allowed}, (allowed, session)
     denied = [e for e in events if not e["allowed"]]
     assert any("principal" in e["reason"] for e in denied), reasons
     assert any("expired" in e["reason"] for e in denied), reasons
