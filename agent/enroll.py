@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sshaudit.agent import enroll_proc, enroll_sshd
-from sshaudit.agent.config import load_config
+from sshaudit.agent.config import load_config, parse_config
 from sshaudit.agent.hostconfig import HostSettings, parse_host_config
 from sshaudit.agent.layout import Layout
 from sshaudit.agent.refresh import IdentityPaths, apply_settings
@@ -218,6 +219,8 @@ def enroll(opts: EnrollOptions, say: Say = print) -> int:
         for note in plan.notes:
             say(f"note: {note}")
         return 0
+    # Every option must make a valid config before the one-time token is spent.
+    parse_config(tomllib.loads(agent_config_text(opts, "pending")), "the options")
     _make_dirs(lay)
     settings, new = _fetch_settings(opts, say)
     _write_agent_files(opts, settings)

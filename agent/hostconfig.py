@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ CA_KEY_TYPES = frozenset(
         "sk-ecdsa-sha2-nistp256@openssh.com",
     }
 )
-_COMMENT_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,255}")
 # How many SSH strings (RFC 4251 section 5: string/mpint) each public key blob holds, type
 # name included (RFC 8709 ed25519, RFC 5656 ecdsa, RFC 4253 rsa, OpenSSH PROTOCOL.u2f sk-*).
 _BLOB_FIELDS = {

@@ -92,7 +92,13 @@ def _freshness(config: AgentConfig, now: datetime) -> Check:
         return Check("CA keys and policy", State.WARN, "never refreshed by the daemon yet")
     age = (now - last).total_seconds()
     stale = config.collector is not None and age > 3 * config.collector.refresh_seconds
-    n = sum(1 for line in config.identity.ca_keys_file.read_text().splitlines() if line[:1] != "#")
+    try:
+        text = config.identity.ca_keys_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        # sshd trusts no CA without it: no certificate login works
+        detail = getattr(exc, "strerror", None) or str(exc)
+        return Check("CA keys and policy", State.FAIL, f"{config.identity.ca_keys_file}: {detail}")
+    n = sum(1 for line in text.splitlines() if line[:1] != "#")
     detail = f"{n} CA keys, refreshed {_age(age)} ago"
     if doc.get("last_error"):
         detail += f"; last attempt failed: {doc['last_error'][:150]}"
@@ -104,7 +110,7 @@ def _spool(config: AgentConfig) -> Check:
         names = [p.name for p in config.spool_dir.iterdir()]
         size = sum(p.stat().st_size for p in config.spool_dir.iterdir() if p.is_file())
     except OSError as exc:
-        return Check("spool", State.FAIL, f"{config.spool_dir}: {exc.strerror}")
+        return Check("spool backlog", State.FAIL, f"{config.spool_dir}: {exc.strerror}")
     sessions = {n.split(".")[0] for n in names if n.endswith(".json") and not n.startswith(".")}
     cap = config.policy.spool_max_bytes
     state = State.WARN if size > cap * 0.8 else State.OK
@@ -119,12 +125,26 @@ def _last_upload(config: AgentConfig, now: datetime) -> Check:
     return Check("last upload", State.OK, f"{_age(age)} ago")
 
 
-def checks(layout: Layout, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> list[Check]:
-    out = []
+def _record(layout: Layout) -> dict[str, Any] | Check:
+    """What enroll recorded, or the failed "enrolled" check."""
     try:
         record = json.loads(layout.enrollment.read_text())
-    except (OSError, ValueError):
-        return [Check("enrolled", State.FAIL, f"not enrolled ({layout.enrollment} missing)")]
+    except FileNotFoundError:
+        return Check("enrolled", State.FAIL, f"not enrolled ({layout.enrollment} missing)")
+    except OSError as exc:
+        return Check("enrolled", State.FAIL, f"{layout.enrollment}: {exc.strerror}")
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return Check("enrolled", State.FAIL, f"{layout.enrollment}: damaged (not a JSON object)")
+    return record
+
+
+def checks(layout: Layout, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> list[Check]:
+    out = []
+    record = _record(layout)
+    if isinstance(record, Check):
+        return [record]
     out.append(
         Check("enrolled", State.OK, f"host {record.get('host_id')} at {record.get('collector')}")
     )
