@@ -218,7 +218,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
         elif not item.startswith(("function-", "model-")):
             # pydantic names validators in loc for Annotated chains: keep the key names only.
             out += f".{item}" if out else item
-    return out or "(top level)"
+    return out
 
 
 _MESSAGES = {
@@ -238,7 +238,8 @@ def _describe(exc: ValidationError) -> str:
         if err["type"] == "too_short" and len(errors) > 1:
             continue  # a list whose items failed is "too short" too: say it once
         msg = _MESSAGES.get(err["type"], err["msg"]).removeprefix("Value error, ")
-        lines.append(f"{_where(err['loc'])}: {msg}")
+        where = _where(err["loc"])
+        lines.append(f"{where}: {msg}" if where else msg)  # whole-file checks name their keys
     return "; ".join(dict.fromkeys(lines))
 
 
