@@ -146,7 +146,8 @@ def test_cli_daemon_start_errors_are_one_line(tmp_path: Path, keys: KeySet) -> N
     r = agent("daemon", "--config", str(bad))
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
-        f"sshaudit-agent: config {bad}: recipients: at least one auditor public key (or recipients_dir)"
+        f"sshaudit-agent: config {bad}: "
+        "recipients: at least one auditor public key (or recipients_dir)"
     )
     assert "Traceback" not in r.stderr
     doc = config_doc(tmp_path, keys)
