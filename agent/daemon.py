@@ -139,7 +139,10 @@ class AgentDaemon:
         # Shipping (agent/shipper_loop.py) runs on its own thread off the spool directory
         # alone, after recovery closed what a previous run left; none without [collector].
         self.shipping = await self.io(start_shipping, self.config)
-        self.identity = await self.io(self._start_identity, loop)
+        # Authentication events need somewhere to go: without [collector] none are made
+        # (they would pile up in the spool, which nothing ships).
+        if self.config.collector is not None:
+            self.identity = await self.io(self._start_identity, loop)
         path = self.config.socket
         await self.io(_prepare_socket_path, path)
         # A burst of logins must queue, not fail: a recorder's connect(2) with a timeout
