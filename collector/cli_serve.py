@@ -93,6 +93,14 @@ def add_parsers(sub: Sub) -> None:
         choices=("debug", "info", "warning", "error"),
         help="uvicorn's log level (default info: one line per request)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes sharing the socket (default 1; one per core for a busy "
+        "collector: each process's event loop serves about 150-200 MB/s of uploads)",
+    )
     p.set_defaults(handler=cmd_serve)
 
     p = add_command(
@@ -211,8 +219,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from sshaudit.collector.app import create_app
     from sshaudit.collector.deps import Context, Settings
+    from sshaudit.collector.metrics import Metrics
     from sshaudit.collector.retention import Periodic
     from sshaudit.collector.user_ca_store import KEY_NAME
+    from sshaudit.collector.workers import run_workers
 
     host, port = parse_listen(args.listen)
     if args.insecure_http and not _is_loopback(host):
@@ -225,36 +235,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-chunk: {exc}") from exc
     if args.retention_interval < 0:
         raise UsageError("--retention-interval: must be 0 (off) or a number of seconds")
-    storage = open_data(args.data)
+    if not 1 <= args.workers <= 64:
+        raise UsageError("--workers: from 1 to 64")
+    open_data(args.data).close()  # a storage problem is reported before anything listens
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     scheme = "http" if tls is None else "https"
     where = f"[{host}]" if ":" in host else host
     pin = "" if tls is None else f" (certificate {fingerprint_pem(tls[0].read_bytes())})"
+    share = _metrics_dir(data) if args.workers > 1 else None
+
+    def serve() -> None:
+        storage = open_data(args.data)
+        ctx = Context(storage, settings, metrics=Metrics(share), user_ca_key=data / KEY_NAME)
+        config = uvicorn.Config(
+            create_app(ctx),
+            ssl_certfile=None if tls is None else str(tls[0]),
+            ssl_keyfile=None if tls is None else str(tls[1]),
+            log_level=args.log_level,
+            lifespan="off",
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=10,
+        )
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            storage.close()
+
+    jobs: list[Periodic] = []
+
+    def start_job() -> None:
+        if args.retention_interval > 0:
+            job = Periodic(open_data(args.data), args.retention_interval, lambda: datetime.now(UTC))
+            jobs.append(job)
+            job.start()
+
     print(f"sshaudit-collector: listening on {scheme}://{where}:{bound}{pin}", file=sys.stderr)
     sys.stderr.flush()
-    config = uvicorn.Config(
-        create_app(Context(storage, settings, user_ca_key=data / KEY_NAME)),
-        ssl_certfile=None if tls is None else str(tls[0]),
-        ssl_keyfile=None if tls is None else str(tls[1]),
-        log_level=args.log_level,
-        lifespan="off",
-        server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
-    )
-    job = None
-    if args.retention_interval > 0:
-        job = Periodic(storage, args.retention_interval, lambda: datetime.now(UTC))
-        job.start()
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        if args.workers == 1:
+            start_job()
+            serve()
+            return EXIT_OK
+        return run_workers(args.workers, serve, start_job)
     finally:
-        if job is not None:
+        for job in jobs:
             job.stop()
         sock.close()
-        storage.close()
-    return EXIT_OK
+
+
+def _metrics_dir(data: Path) -> Path:
+    """Where the workers share their counters: emptied at each start (counts are per run)."""
+    share = data / "run" / "metrics"
+    share.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for old in share.glob("*.json"):
+        old.unlink()
+    return share
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,6 +1,9 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), without a dependency.
 
-Invariants: counters only grow, per process (each collector instance is scraped on its own);
+Invariants: counters only grow, per collector instance (each instance is scraped on its own;
+the worker processes of one ``serve --workers N`` share their counts through small files in
+a directory of their own: every worker writes its counts there at most every second, and a
+scrape answered by any worker sums them all);
 the per-host backlog gauges come from the storage (what each agent last reported), so they
 are the same from every instance; label values are escaped as the format requires
 (backslash, double quote, newline), so no host-controlled value can forge a sample line.
@@ -8,8 +11,11 @@ are the same from every instance; label values are escaped as the format require
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from sshaudit.collector.storage import Host
 
@@ -38,10 +44,57 @@ def _labels(labels: Labels) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
 
 
+SHARE_INTERVAL = 1.0
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, share: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, Labels], int] = {}
+        self._share = share
+        self._written: dict[tuple[str, Labels], int] = {}
+        if share is not None:
+            threading.Thread(target=self._share_loop, name="metrics-share", daemon=True).start()
+
+    def _share_loop(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(SHARE_INTERVAL):
+            self.share_now()
+
+    def share_now(self) -> None:
+        """Write this process's counts for the other workers (atomically, when changed)."""
+        if self._share is None:
+            return
+        with self._lock:
+            values = dict(self._values)
+        if values == self._written:
+            return
+        doc = [[name, [list(kv) for kv in labels], v] for (name, labels), v in values.items()]
+        tmp = self._share / f".{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(self._share / f"{os.getpid()}.json")
+        except OSError:
+            return  # a scrape then misses this worker's latest second; nothing is lost
+        self._written = values
+
+    def _peers(self) -> dict[tuple[str, Labels], int]:
+        """The other workers' counts, as they last wrote them."""
+        total: dict[tuple[str, Labels], int] = {}
+        if self._share is None:
+            return total
+        own = f"{os.getpid()}.json"
+        for path in self._share.glob("*.json"):
+            if path.name == own:
+                continue
+            try:
+                doc = json.loads(path.read_text())
+                for name, labels, v in doc:
+                    key = (str(name), tuple((str(k), str(x)) for k, x in labels))
+                    total[key] = total.get(key, 0) + int(v)
+            except (OSError, ValueError, TypeError):
+                continue
+        return total
 
     def inc(self, name: str, by: int = 1, **labels: str) -> None:
         if name not in _COUNTERS:
@@ -55,8 +108,10 @@ class Metrics:
             return self._values.get((name, tuple(sorted(labels.items()))), 0)
 
     def render(self, hosts: Sequence[Host]) -> str:
+        values = self._peers()
         with self._lock:
-            values = dict(self._values)
+            for key, v in self._values.items():
+                values[key] = values.get(key, 0) + v
         lines: list[str] = []
         for name, help_text in _COUNTERS.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
