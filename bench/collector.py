@@ -205,6 +205,7 @@ def worker(job: Job, barrier: Any, results: Any) -> None:
 @dataclass
 class Collector:
     data: Path
+    workers: int = 1
     url: str = ""
     fingerprint: str = ""
     proc: subprocess.Popen[bytes] | None = None
@@ -219,7 +220,16 @@ class Collector:
 
     def serve(self) -> None:
         self.proc = subprocess.Popen(
-            [COLLECTOR, "serve", "--data", str(self.data), "--listen", "127.0.0.1:0"],
+            [
+                COLLECTOR,
+                "serve",
+                "--data",
+                str(self.data),
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                str(self.workers),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -489,7 +499,7 @@ class Outcome:
 def run_backend(backend: str, args: argparse.Namespace, tmp: Path) -> Outcome:
     data = tmp / backend
     schema = fleet_config(data) if backend == "pg_s3" else None
-    col = Collector(data)
+    col = Collector(data, workers=args.server_workers)
     try:
         col.run("init")
         t = time.perf_counter()
@@ -526,7 +536,8 @@ def report(args: argparse.Namespace, outcomes: list[Outcome]) -> str:
     lines = [
         "## Collector ingest and query latency (`bench/collector.py`)",
         "",
-        f"One `sshaudit-collector serve` per backend over TLS on 127.0.0.1; {args.workers} "
+        f"One `sshaudit-collector serve --workers {args.server_workers}` per backend over TLS "
+        f"on 127.0.0.1; {args.workers} "
         f"load-generator processes (one enrolled host each, the agent's pinned `requests` "
         f"session), {args.sessions} sessions per case; each session: its record, the prefix, "
         f"chunks of {args.chunk_frames} whole frames (`upload.plan_chunk`), the signature "
@@ -574,6 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 32 x 64 KiB frames: the agent's default upload_chunk_bytes (2 MiB)
     add("--chunk-frames", type=int, default=32, help="frames per upload chunk")
     add("--workers", type=int, default=4, help="load-generator processes")
+    add("--server-workers", type=int, default=os.cpu_count() or 1, help="serve --workers")
     add("--healthz", type=int, default=500, help="GET /healthz per worker (baseline)")
     add("--records", type=int, default=1_000_000, help="session records for the queries")
     add("--queries", type=int, default=300, help="requests per query filter")
