@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sshaudit.agent.sshcert import fingerprint
 from sshaudit.errors import ConfigError, KeyFileError
 from sshaudit.keys import AuditorPublicKey, encode_key_text
 
@@ -173,6 +173,5 @@ def ca_fingerprints(lines: list[str] | tuple[str, ...]) -> list[str]:
             blob = base64.b64decode(words[1], validate=True)
         except binascii.Error:
             continue
-        digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-        out.append("SHA256:" + digest)
+        out.append(fingerprint(blob))
     return out

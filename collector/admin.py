@@ -219,10 +219,8 @@ def parse_ca_line(line: str, now: datetime) -> CaKey:
             load_ssh_public_key(f"{kind} {b64}".encode())
     except (binascii.Error, ValueError, struct.error, TypeError):
         raise UnprocessableError("the public key does not parse", code="invalid_key") from None
-    digest = hashlib.sha256(blob).digest()
-    fingerprint = "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
     normalized = f"{kind} {b64} {comment}".rstrip()
-    return CaKey(digest.hex(), normalized, fingerprint, now)
+    return CaKey(hashlib.sha256(blob).hexdigest(), normalized, user_ca.fingerprint(blob), now)
 
 
 def add_ca_key(storage: Storage, line: str, now: datetime, *, actor: str) -> CaKey:
