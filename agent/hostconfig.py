@@ -150,14 +150,18 @@ def auditor_files(settings: HostSettings) -> dict[str, bytes]:
     return {f"{k.kid}.pub": encode_key_text(k.raw) for k in settings.auditor_keys}
 
 
-def policy_text(settings: HostSettings, fetched_at: datetime) -> str:
-    """The cache the principals command reads (docs/agent-config.md "[identity]")."""
-    doc = {
+def policy_doc(settings: HostSettings) -> dict[str, Any]:
+    """The policy cache's content but its fetch time (which changes at every refresh)."""
+    return {
         "version": settings.policy_version,
         "host_id": settings.host_id,
-        "fetched_at": fetched_at.isoformat().replace("+00:00", "Z"),
         "policy": settings.policy,
     }
+
+
+def policy_text(settings: HostSettings, fetched_at: datetime) -> str:
+    """The cache the principals command reads (docs/agent-config.md "[identity]")."""
+    doc = {**policy_doc(settings), "fetched_at": fetched_at.isoformat().replace("+00:00", "Z")}
     return json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
 
 

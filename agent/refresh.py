@@ -29,6 +29,7 @@ from sshaudit.agent.hostconfig import (
     auditor_files,
     ca_keys_text,
     parse_host_config,
+    policy_doc,
     policy_text,
 )
 from sshaudit.agent.ship_files import write_atomic
@@ -94,13 +95,13 @@ def apply_settings(paths: IdentityPaths, settings: HostSettings, now: datetime) 
 def _policy_changed(path: Path, settings: HostSettings) -> bool:
     """The cache carries its fetch time; compare everything but that."""
     try:
-        old = path.read_text()
-    except (OSError, UnicodeDecodeError):
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return True
-    epoch = datetime.fromtimestamp(0, UTC)
-    strip = [line for line in old.splitlines() if '"fetched_at"' not in line]
-    new = [line for line in policy_text(settings, epoch).splitlines() if '"fetched_at"' not in line]
-    return strip != new
+    if not isinstance(old, dict):
+        return True
+    old.pop("fetched_at", None)
+    return bool(old != policy_doc(settings))
 
 
 class Refresher:
