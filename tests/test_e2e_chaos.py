@@ -29,30 +29,15 @@ from pathlib import Path
 import pytest
 from agent_harness import AGENT, Agent
 from collector_helpers import cli_ok, fleet_env, start_server, write_fleet_config
-from daemon_helpers import config_doc, toml_text, wait_for
+from daemon_helpers import wait_for
 from e2e_helpers import finished
 from sshd_harness import SshdFactory
 from sshd_host import UnixUser
-from test_e2e_collector import Collector
+from test_e2e_collector import Collector, configure_shipping
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DOWN_SECONDS = 120.0  # the "stopped for 2 minutes"
 SESSIONS = 10
-
-
-def _configure(agent: Agent, collector: Collector, work: Path) -> None:
-    credential = work / "collector.token"
-    credential.write_text(collector.credential + "\n")
-    credential.chmod(0o600)
-    doc = config_doc(work, agent.keys, frame_interval=0.2)
-    doc["host_id"] = collector.host_id
-    doc["collector"] = {
-        "url": collector.url,
-        "fingerprint": collector.pin,
-        "credential_file": str(credential),
-        "retry_max_seconds": 1.0,
-    }
-    agent.config.write_text(toml_text(doc))
 
 
 @pytest.fixture
@@ -105,7 +90,7 @@ def test_collector_down_two_minutes_while_ten_sessions_run(
         tmp_path / "collector", tmp_path, agent.keys.host.public_key().public_bytes_raw()
     )
     try:
-        _configure(agent, collector, agent.work)
+        configure_shipping(agent, collector, agent.work)
         agent.start()
         server = sshd_server(force_command=agent.force_command(), pam_extra=(agent.pam_line(),))
         results: dict[int, subprocess.CompletedProcess[bytes]] = {}
@@ -176,7 +161,7 @@ def test_collector_disk_full_keeps_the_spool_and_loses_nothing(
 ) -> None:
     collector = Collector(small_tmpfs, tmp_path, agent.keys.host.public_key().public_bytes_raw())
     try:
-        _configure(agent, collector, agent.work)
+        configure_shipping(agent, collector, agent.work)
         collector.stop()  # down while the sessions run, so the spool copies are whole
         agent.start()
         server = sshd_server(force_command=agent.force_command(), pam_extra=(agent.pam_line(),))
@@ -241,7 +226,7 @@ def test_agent_switching_collectors_mid_session_loses_nothing(
     cli_ok("init", "--data", str(data_b))  # its own certificate, the same storage
     second = start_server(data_b)
     try:
-        _configure(agent, first, agent.work)
+        configure_shipping(agent, first, agent.work)
         agent.start()
         server = sshd_server(force_command=agent.force_command(), pam_extra=(agent.pam_line(),))
         result: list[subprocess.CompletedProcess[bytes]] = []
@@ -263,7 +248,7 @@ def test_agent_switching_collectors_mid_session_loses_nothing(
         agent.stop()
         assert second.fingerprint is not None
         first.url, first.pin = second.url, second.fingerprint
-        _configure(agent, first, agent.work)
+        configure_shipping(agent, first, agent.work)
         agent.start()
         wait_for(lambda: _arrived(first, set(local)), 120)
         wait_for(lambda: not list(agent.spool.glob("*.sealed")), 60)

@@ -103,16 +103,12 @@ class Collector:
         return [json.loads(line) for line in out.splitlines()]
 
 
-@pytest.fixture
-def setup(root_work_dir: Path, tmp_path: Path) -> Iterator[tuple[Agent, Collector]]:
-    agent = Agent(root_work_dir, frame_interval=0.2)
-    collector = Collector(
-        tmp_path / "collector", tmp_path, agent.keys.host.public_key().public_bytes_raw()
-    )
-    credential = root_work_dir / "collector.token"
+def configure_shipping(agent: Agent, collector: Collector, work: Path) -> None:
+    """Point ``agent``'s config at ``collector`` as its enrolled host (credential 0600)."""
+    credential = work / "collector.token"
     credential.write_text(collector.credential + "\n")
     credential.chmod(0o600)
-    doc = config_doc(root_work_dir, agent.keys, frame_interval=0.2)
+    doc = config_doc(work, agent.keys, frame_interval=0.2)
     doc["host_id"] = collector.host_id
     doc["collector"] = {
         "url": collector.url,
@@ -121,6 +117,15 @@ def setup(root_work_dir: Path, tmp_path: Path) -> Iterator[tuple[Agent, Collecto
         "retry_max_seconds": 1.0,
     }
     agent.config.write_text(toml_text(doc))
+
+
+@pytest.fixture
+def setup(root_work_dir: Path, tmp_path: Path) -> Iterator[tuple[Agent, Collector]]:
+    agent = Agent(root_work_dir, frame_interval=0.2)
+    collector = Collector(
+        tmp_path / "collector", tmp_path, agent.keys.host.public_key().public_bytes_raw()
+    )
+    configure_shipping(agent, collector, root_work_dir)
     try:
         yield agent, collector
     finally:
