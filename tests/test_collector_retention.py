@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from sshaudit.collector.retention import Candidate, RetentionPolicy, TargetGroup
 from sshaudit.collector.storage import DeleteOutcome, Hold, HoldKind, Storage
 
 DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
 FINISH = "2026-11-22T09:10:00Z"  # T0 + 10 minutes
 
 
@@ -138,6 +139,10 @@ def session(
     resp = local.client.put(f"/v1/sessions/{sid}", json=doc, headers=local.auth(host.credential))
     assert resp.status_code == 200, resp.text
     return sid
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _exists(local: Local, sid: str) -> bool:
@@ -289,12 +294,15 @@ def test_cli_run_dry_run_and_serve_task(tmp_path: Path) -> None:
     try:
         a = loc.enroll("a")
         _set_policy(loc, {"retention": {"default_days": 1}})
-        sid = session(loc, a)
+        # `serve` judges ages by the real clock, so this session is dated from it: an hour
+        # old today, whatever today is. The CLI runs below judge at three days later.
+        now = datetime.now(UTC).replace(microsecond=0)
+        sid = session(loc, a, start=_rfc3339(now - 2 * HOUR), finish=_rfc3339(now - HOUR))
         ancient = session(loc, a, start="2020-01-01T00:00:00Z", finish="2020-01-01T01:00:00Z")
     finally:
         loc.client.close()
         loc.storage.close()
-    args = ("retention", "run", "--data", str(data), "--now", "2026-11-24T00:00:00Z")
+    args = ("retention", "run", "--data", str(data), "--now", _rfc3339(now + 3 * DAY))
     out = cli_ok(*args, "--dry-run").splitlines()
     assert sorted(line.split()[:2][1] for line in out) == sorted([sid, ancient])
     assert all(line.startswith("would-delete ") for line in out)
