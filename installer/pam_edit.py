@@ -1,4 +1,5 @@
-"""The PAM edit of ``sshaudit-agent enroll``: the hook lines in sshd's PAM file, pure functions.
+"""The PAM edit of ``sshaudit-agent enroll``: the hook lines in sshd's PAM file and no user
+environment file for pam_env, pure functions.
 
 Invariants:
 - Each inserted line follows its own marker line (``MARKER``); ``remove_hook(add_hook(t, ...))
@@ -21,6 +22,9 @@ Invariants:
   the same type precedes our line in this file, except pam_selinux close lines without jumps.
 - The account hook goes first in the account stack by the same rule.
 - If the file has no line at all for the type, the hook is appended at the end.
+- No pam_env.so line reads a user's environment file: ``user_readenv=1`` becomes
+  ``user_readenv=0`` (installer/pam_env_edit.py, which keeps the old line in a comment so that
+  ``remove_hook`` puts it back byte for byte).
 - Refused (ConfigError): a hook line with a newline or of the wrong type, a stray marker.
 """
 
@@ -30,6 +34,7 @@ import re
 
 from sshaudit.errors import ConfigError
 
+from .pam_env_edit import neutralise_user_env, restore_user_env
 from .sshd_parse import lines_keepends
 
 MARKER = "# sshaudit: managed by sshaudit-agent enroll"
@@ -88,8 +93,9 @@ def _check_line(kind: str, line: str) -> None:
 
 
 def remove_hook(text: str) -> str:
-    """``text`` without our marked lines (the inverse of add_hook)."""
-    lines = lines_keepends(text)
+    """``text`` without our marked lines and with pam_env lines as they were (the inverse of
+    add_hook)."""
+    lines = lines_keepends(restore_user_env(text))
     out: list[str] = []
     index = 0
     while index < len(lines):
@@ -123,4 +129,5 @@ def add_hook(text: str, session_line: str, account_line: str) -> str:
     _check_line("session", session_line)
     _check_line("account", account_line)
     base = remove_hook(text)
-    return _insert(_insert(base, "account", account_line), "session", session_line)
+    hooked = _insert(_insert(base, "account", account_line), "session", session_line)
+    return neutralise_user_env(hooked)

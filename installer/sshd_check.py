@@ -19,8 +19,13 @@ from dataclasses import dataclass
 from .sshd_edit import DROPIN_NAME, OUR_KEYWORDS, SshdSettings
 from .sshd_parse import ConfigLine, iter_directives, match_pattern
 
-# Variables that make bash (BASH_ENV) or sh (ENV) source a file before the recorder runs.
-_DANGEROUS_ENV = ("BASH_ENV", "ENV")
+# Variables a client must not set (AcceptEnv, ~/.ssh/environment): they make the
+# ``$SHELL -c "<ForceCommand>"`` that starts the recorder, or the programs it runs, execute
+# user code first. bash sources $BASH_ENV (bash(1) INVOCATION), sh $ENV, bash runs $PS4
+# substitutions under SHELLOPTS=xtrace and imports BASH_FUNC_* functions; ld.so(8) loads
+# LD_PRELOAD / LD_LIBRARY_PATH / LD_AUDIT; python(1) reads PYTHONSTARTUP, PYTHONPATH, ...
+_DANGEROUS_NAMES = ("BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4")
+_DANGEROUS_PREFIXES = ("LD_", "PYTHON", "BASH_FUNC_")
 _IDENTITY = {
     "forcecommand": "ForceCommand",
     "trustedusercakeys": "TrustedUserCAKeys",
@@ -76,33 +81,48 @@ def _is_none(d: ConfigLine) -> bool:
     return len(d.args) == 1 and d.args[0].lower() == "none"
 
 
+def _matches_some_with_prefix(pattern: str, prefix: str) -> bool:
+    """Does the match.c ``pattern`` match at least one name starting with ``prefix``? Walk the
+    prefix: a ``*`` may swallow the rest of it, and whatever the pattern still holds then can
+    always be matched by some suffix."""
+    for index, char in enumerate(prefix):
+        if index >= len(pattern):
+            return False
+        if pattern[index] == "*":
+            return True
+        if pattern[index] not in ("?", char):
+            return False
+    return True
+
+
 def _env_patterns_hit(patterns: tuple[str, ...]) -> list[str]:
-    return [v for v in _DANGEROUS_ENV if any(match_pattern(v, p) for p in patterns)]
+    """The dangerous names (``LD_*`` for a prefix) that some pattern would let through."""
+    names = [v for v in _DANGEROUS_NAMES if any(match_pattern(v, p) for p in patterns)]
+    families = [
+        f"{f}*"
+        for f in _DANGEROUS_PREFIXES
+        if any(_matches_some_with_prefix(p, f) for p in patterns)
+    ]
+    return names + families
 
 
 def _anywhere_conflict(d: ConfigLine) -> str | None:
-    """In or out of Match: AcceptEnv / PermitUserEnvironment that let the user set BASH_ENV or
-    ENV, and ChrootDirectory (the recorder is not inside the chroot)."""
+    """In or out of Match: AcceptEnv that lets the client set a dangerous variable (sshd_config(5)
+    AcceptEnv: patterns with ``*`` and ``?``), and ChrootDirectory (the recorder is not inside
+    the chroot). PermitUserEnvironment is ours at top level (enroll sets ``no``); inside a
+    Match block it overrides ours (see :func:`_match_conflict`)."""
     if d.keyword == "acceptenv":
         hit = _env_patterns_hit(d.args)
         if hit:
             return (
-                f"AcceptEnv lets the client set {', '.join(hit)}: the shell would source it "
-                "before the recorder (docs/sshd-setup.md); remove that pattern"
+                f"AcceptEnv lets the client set {', '.join(hit)}: user code would run before "
+                "the recorder (docs/sshd-setup.md); remove that pattern"
             )
     if d.keyword == "chrootdirectory" and not _is_none(d):
         return (
             "ChrootDirectory: the recorder (ForceCommand) cannot run inside the chroot, so these "
             "users' sessions would fail (docs/sshd-setup.md); remove it or exclude these users"
         )
-    if d.keyword == "permituserenvironment" and d.args and d.args[0].lower() != "no":
-        # "yes" allows every variable; otherwise the value is a pattern list (sshd_config(5))
-        allowed = d.args[0].lower() == "yes" or _env_patterns_hit(tuple(d.args[0].split(",")))
-        if allowed:
-            return (
-                "PermitUserEnvironment lets ~/.ssh/environment set BASH_ENV or ENV, read "
-                "before the recorder; set it to no"
-            )
     return None
 
 
@@ -118,6 +138,15 @@ def _match_conflict(d: ConfigLine, settings: SshdSettings | None) -> str | None:
         return "ExposeAuthInfo no inside a Match block hides the login identity from the recorder"
     if d.keyword == "permituserrc" and value == "yes":
         return "PermitUserRC yes inside a Match block runs ~/.ssh/rc before the recorder"
+    if d.keyword == "permituserenvironment" and value != "no":
+        # "yes" allows every variable; otherwise the value is a pattern list (sshd_config(5))
+        patterns = tuple(d.args[0].split(","))
+        hit = ["every variable"] if value == "yes" else _env_patterns_hit(patterns)
+        if hit:
+            return (
+                f"PermitUserEnvironment inside a Match block lets ~/.ssh/environment set "
+                f"{', '.join(hit)}, read before the recorder; set it to no"
+            )
     if d.keyword in _FORWARDING:
         attribute, enabling = _FORWARDING[d.keyword]
         allowed = settings is not None and bool(getattr(settings, attribute))

@@ -44,6 +44,7 @@ OUR_KEYWORDS = frozenset(
         "authorizedprincipalscommanduser",
         "exposeauthinfo",
         "permituserrc",
+        "permituserenvironment",
         "setenv",
         "forcecommand",
         "allowtcpforwarding",
@@ -149,6 +150,11 @@ def _settings_lines(s: SshdSettings) -> list[tuple[str, str]]:
         ),
         ("the session learns which key or certificate logged in", "ExposeAuthInfo yes"),
         ("~/.ssh/rc would run before the recorder", "PermitUserRC no"),
+        (
+            "~/.ssh/environment could set BASH_ENV or LD_PRELOAD for the shell that starts "
+            "the recorder",
+            "PermitUserEnvironment no",
+        ),
         (
             "bash sources ~/.bashrc before the recorder at SHLVL 0 (Debian SSH_SOURCE_BASHRC)",
             "SetEnv " + " ".join(_quote("SetEnv", pair) for pair in env),

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from sshaudit.errors import ConfigError
 from sshaudit.installer.pam_edit import MARKER, add_hook, remove_hook
+from sshaudit.installer.pam_env_edit import WAS
 
 SESSION = "session optional pam_exec.so quiet /usr/libexec/sshaudit/pam-hook"
 ACCOUNT = "account optional pam_exec.so quiet /usr/libexec/sshaudit/pam-hook"
@@ -32,7 +33,8 @@ def test_first_in_each_stack_with_marker_above() -> None:
         MARKER,
         SESSION,
         "session required pam_loginuid.so",
-        "session required pam_env.so user_readenv=1",
+        WAS + "session required pam_env.so user_readenv=1",
+        "session required pam_env.so user_readenv=0",
     ]
 
 
@@ -133,6 +135,10 @@ def test_stray_marker_refused() -> None:
 _pieces = st.sampled_from(
     [
         "session required pam_env.so",
+        "session required pam_env.so user_readenv=1 envfile=/etc/default/locale",
+        "auth required /lib/security/pam_env.so user_envfile=.e # c",
+        "session required pam_env.so \\",
+        " user_readenv=1",
         "-session optional x.so",
         "account required a.so",
         "@include common-session",
@@ -152,7 +158,7 @@ _odd = st.lists(
 @settings(max_examples=300)
 @given(_odd)
 def test_hook_is_an_exact_inverse(text: str) -> None:
-    if MARKER in text:
+    if MARKER in text or WAS in text:
         return
     edited = add_hook(text, SESSION, ACCOUNT)
     assert remove_hook(edited) == text

@@ -124,7 +124,8 @@ def test_render_settings_lines_and_flags() -> None:
     assert directives["allowagentforwarding"] == "no"
     assert directives["setenv"] == "SHLVL=1 A=1"  # their SHLVL would undo ours
     lines = text.splitlines()
-    assert len(lines) == 24  # each of the 12 directives after its "# why" line
+    assert directives["permituserenvironment"] == "no"  # ~/.ssh/environment: BASH_ENV, LD_*
+    assert len(lines) == 26  # each of the 13 directives after its "# why" line
     assert all(line.startswith("# ") for line in lines[0::2])
     assert not any(line.startswith("#") for line in lines[1::2])
 
@@ -307,11 +308,19 @@ def test_match_forwarding_the_policy_allows_is_fine() -> None:
         ("ForceCommand /usr/bin/logger-wrap\n", "ForceCommand would be silently replaced"),
         ("AuthorizedPrincipalsCommand /bin/p %u\n", "AuthorizedPrincipalsCommand"),
         ("AcceptEnv LANG BASH_ENV\n", "BASH_ENV"),
-        ("AcceptEnv *\n", "BASH_ENV, ENV"),
+        ("AcceptEnv *\n", "BASH_ENV, ENV, SHELLOPTS, BASHOPTS, PS4, LD_*, PYTHON*, BASH_FUNC_*"),
         ("AcceptEnv E?V\n", "ENV"),
         ("Match User x\n AcceptEnv BASH_*\n", "BASH_ENV"),
-        ("PermitUserEnvironment yes\n", "PermitUserEnvironment"),
-        ("PermitUserEnvironment LANG,BASH_ENV\n", "PermitUserEnvironment"),
+        ("AcceptEnv LANG LD_*\n", "LD_*"),
+        ("AcceptEnv LD_PRELOAD\n", "LD_*"),
+        ("AcceptEnv L?_*X\n", "LD_*"),
+        ("AcceptEnv PY*\n", "PYTHON*"),
+        ("AcceptEnv PYTHONSTARTUP\n", "PYTHON*"),
+        ("AcceptEnv LC_* P*\n", "PS4, PYTHON*"),
+        ("AcceptEnv SHELLOPTS\n", "SHELLOPTS"),
+        ("Match User x\n PermitUserEnvironment yes\n", "every variable"),
+        ("Match User x\n PermitUserEnvironment LANG,BASH_ENV\n", "BASH_ENV"),
+        ("Match User x\n PermitUserEnvironment LD_PRELOAD\n", "LD_*"),
     ],
 )
 def test_top_level_conflicts(text: str, fragment: str) -> None:
@@ -321,10 +330,24 @@ def test_top_level_conflicts(text: str, fragment: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["AcceptEnv LANG LC_*\n", "PermitUserEnvironment no\n", "PermitUserEnvironment LANG,TZ\n"],
+    [
+        "AcceptEnv LANG LC_*\n",
+        "AcceptEnv LD LDX_* PYTHO TZ ENVX XENV\n",
+        "PermitUserEnvironment no\n",
+        "Match User x\n PermitUserEnvironment LANG,TZ\n",
+        "Match User x\n PermitUserEnvironment no\n",
+    ],
 )
 def test_safe_env_settings(text: str) -> None:
     assert check_conflicts({**PAM_ON, "f": text}) == []
+
+
+def test_top_level_permit_user_environment_is_overridden_by_ours() -> None:
+    """Enroll writes ``PermitUserEnvironment no`` first, so a later global value is a note."""
+    found = review({**PAM_ON, "f": "PermitUserEnvironment yes\n"})
+    assert found.conflicts == ()
+    (note,) = found.notes
+    assert (note.file, note.line_no) == ("f", 1) and "overridden by sshaudit" in note.message
 
 
 def test_dropins_read_before_ours_conflict() -> None:
