@@ -109,8 +109,8 @@ def _env_patterns_hit(patterns: tuple[str, ...]) -> list[str]:
 def _anywhere_conflict(d: ConfigLine) -> str | None:
     """In or out of Match: AcceptEnv that lets the client set a dangerous variable (sshd_config(5)
     AcceptEnv: patterns with ``*`` and ``?``), and ChrootDirectory (the recorder is not inside
-    the chroot). PermitUserEnvironment is ours at top level (enroll sets ``no``); inside a
-    Match block it overrides ours (see :func:`_match_conflict`)."""
+    the chroot). PermitUserEnvironment is ours (enroll sets ``no``, first); sshd refuses it
+    inside a Match block ("not allowed within a Match block", OpenSSH 9.2 sshd -t)."""
     if d.keyword == "acceptenv":
         hit = _env_patterns_hit(d.args)
         if hit:
@@ -138,15 +138,6 @@ def _match_conflict(d: ConfigLine, settings: SshdSettings | None) -> str | None:
         return "ExposeAuthInfo no inside a Match block hides the login identity from the recorder"
     if d.keyword == "permituserrc" and value == "yes":
         return "PermitUserRC yes inside a Match block runs ~/.ssh/rc before the recorder"
-    if d.keyword == "permituserenvironment" and value != "no":
-        # "yes" allows every variable; otherwise the value is a pattern list (sshd_config(5))
-        patterns = tuple(d.args[0].split(","))
-        hit = ["every variable"] if value == "yes" else _env_patterns_hit(patterns)
-        if hit:
-            return (
-                f"PermitUserEnvironment inside a Match block lets ~/.ssh/environment set "
-                f"{', '.join(hit)}, read before the recorder; set it to no"
-            )
     if d.keyword in _FORWARDING:
         attribute, enabling = _FORWARDING[d.keyword]
         allowed = settings is not None and bool(getattr(settings, attribute))

@@ -13,7 +13,8 @@ git diff: the test then rewrites them and fails, so a regeneration never passes 
 Inputs: debian12/ is Debian 12's stock sshd_config (/usr/share/openssh/sshd_config) and
 /etc/pam.d/sshd, copied from openssh-server 1:9.2p1; rhel9/ is RHEL 9's (openssh-8.7p1)
 sshd_config, sshd_config.d/50-redhat.conf and /etc/pam.d/sshd, written from the packages'
-contents; match/ and existing/ are hand-written hosts that must give conflicts and notes.
+contents; match/, existing/ and acceptenv/ are hand-written hosts that must give conflicts
+and notes (acceptenv/: AcceptEnv and PermitUserEnvironment that pass LD_*, PYTHON*, BASH_ENV).
 """
 
 from __future__ import annotations
@@ -127,6 +128,19 @@ def test_golden_cases_cover_the_acceptance() -> None:
     assert re.search(r"conflict: .*ForceCommand inside a Match", reviews["match"])
     assert "conflict: sshd_config:7: an existing ForceCommand" in reviews["existing"]
     assert "merge CA keys from: /etc/ssh/ca_user_keys.pub" in reviews["existing"]
+    # issue 9: no client-set variable runs code before the recorder, named by file:line
+    accept = reviews["acceptenv"]
+    assert "conflict: sshd_config:6: AcceptEnv lets the client set LD_*" in accept
+    assert "conflict: sshd_config:7: AcceptEnv lets the client set PYTHON*" in accept
+    assert re.search(
+        r"conflict: sshd_config:11: AcceptEnv lets the client set BASH_ENV, ENV", accept
+    )
+    assert "note: sshd_config:8: overridden by sshaudit's value" in accept
+    assert "conflict: sshd_config:5" not in accept  # Debian's LANG LC_* is safe
+    pam = _outputs(GOLDEN / "debian12")["pam.d-sshd"]
+    readenv = [line for line in pam.splitlines() if "user_readenv" in line]
+    assert [line.startswith("#") for line in readenv] == [True, False], readenv
+    assert "pam_env.so user_readenv=0 envfile=/etc/default/locale" in readenv[1]
 
 
 # --- the real sshd reads every output as we mean it -------------------------------------
@@ -190,6 +204,7 @@ def test_golden_outputs_pass_sshd(case: str, tmp_path: Path) -> None:
     assert effective["authorizedprincipalscommanduser"] == "nobody"
     assert effective["exposeauthinfo"] == "yes"
     assert effective["permituserrc"] == "no"
+    assert effective["permituserenvironment"] == "no"
     assert effective["setenv"].split()[0] == "SHLVL=1"
     for keyword in ("allowtcpforwarding", "allowstreamlocalforwarding", "allowagentforwarding"):
         assert effective[keyword] == "no", keyword
