@@ -12,8 +12,9 @@ shell, or ``$SHELL -c "$SSH_ORIGINAL_COMMAND"``), which reads every file as it w
 
 Invariants:
 - The block fires only when the ``-c`` string is exactly the ForceCommand (zsh:
-  ``$ZSH_EXECUTION_STRING``; tcsh: the ``command`` shell variable, which tcsh(1) sets for
-  ``-c``; fish: ``/proc/$fish_pid/cmdline`` is exactly ``fish -c <ForceCommand>``). The
+  ``$ZSH_EXECUTION_STRING``; tcsh and fish: ``/proc/<pid>/cmdline`` is ``tcsh -c <ForceCommand>``
+  (or ``csh``), ``fish -c <ForceCommand>``; tcsh's own ``command`` variable is set only after
+  its start-up files). The
   recorder's own shell gets ``-c "$SSH_ORIGINAL_COMMAND"`` or no ``-c`` at all, so it never
   fires there: no loop, unless the client's command is the ForceCommand itself, which runs the
   recorder again with or without this block.
@@ -71,12 +72,18 @@ def _zsh(command: str) -> str:
 
 
 def _tcsh(command: str) -> str:
+    # tcsh 6.24 sets its "command" variable only after the start-up files, so the -c string
+    # comes from /proc (one tr(1), only for non-interactive shells under sshd).
     return (
-        '# sshd runs the ForceCommand as `tcsh -c "<ForceCommand>"` (sshd_config(5)); tcsh\n'
-        "# reads this file before ~/.tcshrc or ~/.cshrc and keeps the -c string in $command\n"
-        "# (tcsh(1) Startup and shutdown, Special shell variables): start the recorder now.\n"
-        "if ( $?command ) then\n"
-        f"  if ( $command:q == '{command}' ) exec {command}\n"
+        '# sshd runs the ForceCommand as `tcsh -c "<ForceCommand>"` (or csh, its basename;\n'
+        "# sshd_config(5)); tcsh reads this file before ~/.tcshrc or ~/.cshrc (tcsh(1) Startup\n"
+        "# and shutdown): start the recorder now. sshd always sets SSH_CONNECTION; a -c shell\n"
+        "# has no prompt.\n"
+        "if ( $?SSH_CONNECTION && ! $?prompt ) then\n"
+        "  set sshaudit_argv = \"`/usr/bin/tr '\\0' ' ' < /proc/$$/cmdline`\"\n"
+        f"  if ( \"$sshaudit_argv\" == 'tcsh -c {command} ' ||"
+        f" \"$sshaudit_argv\" == 'csh -c {command} ' ) exec {command}\n"
+        "  unset sshaudit_argv\n"
         "endif\n"
     )
 
