@@ -137,6 +137,13 @@ class PolicyConfig(BaseModel):
     exec_hash: bool = True
     spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20, le=1 << 50)
     on_spool_full: Annotated[OnSpoolFull, Field(strict=False)] = OnSpoolFull.REFUSE
+    # Shares of the spool one session and one user may hold, checked on every append
+    # (agent/quota.py): one user cannot fill the spool for everyone else.
+    spool_session_max_bytes: int = Field(default=256 << 20, ge=1 << 20, le=1 << 50)
+    spool_user_max_bytes: int = Field(default=512 << 20, ge=1 << 20, le=1 << 50)
+    # Concurrent connections to the daemon's socket per non-root uid (agent/admission.py):
+    # a flood from one user is closed at accept, before a byte of it is read.
+    max_connections_per_user: int = Field(default=128, ge=1, le=1 << 20)
     frame_interval: float = Field(default=1.0, gt=0.0, le=60.0, strict=False)
     frame_max_bytes: int = Field(default=65536, ge=1024, le=1 << 20)
     handshake_timeout: float = Field(default=30.0, gt=0.0, le=600.0, strict=False)

@@ -28,7 +28,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol, TypeVar
 
-from sshaudit.agent import protocol
+from sshaudit.agent import protocol, quota
 from sshaudit.agent.authlog import Observation
 from sshaudit.agent.config import AgentConfig, PolicyConfig, SealingKeys
 from sshaudit.agent.daemon_auth import session_observation
@@ -110,6 +110,7 @@ class Daemon(Protocol):
     keys: SealingKeys
     hostname: str
     spool: Spool
+    quota: quota.SpoolQuota
     reconciler: Reconciler | None
     stopping: bool
     wall: Callable[[], datetime]
@@ -385,9 +386,19 @@ class RecorderConnection:
             batch = await self.inbox.batch(self._deadline())
 
     async def _write(self, data: bytes) -> None:
-        assert self.sink is not None
+        assert self.sink is not None and self.session is not None
         try:
             await self.sink.write(data)
+            # Quotas hold on every append (agent/quota.py): a session over one ends with a
+            # marker, is recorded truncated, and the daemon hangs up on the recorder.
+            sid, uid = self.session.meta.session_id, self.cred.uid
+            cut = await self.d.quota.charge(sid, uid, self.session.sealed_bytes)
+            if cut is not None and not self.session.finished:
+                self.spool_error = cut.message
+                now = asyncio.get_running_loop().time()
+                await self.sink.write(quota.cut_tail(self.session, cut, now))
+                await self.sink.flush()
+                raise quota.QuotaExceededError(cut)
         except OSError as exc:
             raise self._spool_failed(exc) from None
 

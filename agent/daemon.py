@@ -39,6 +39,13 @@ from typing import Any, TypeVar
 import psutil
 
 from sshaudit.agent import protocol
+from sshaudit.agent.admission import (
+    Admission,
+    RefusalLog,
+    first_message_limit,
+    raise_nofile,
+    read_first,
+)
 from sshaudit.agent.authlog import Observation
 from sshaudit.agent.config import AgentConfig, SealingKeys, load_config, load_sealing_keys
 from sshaudit.agent.connection import Inbox, RecorderConnection, choose_identity
@@ -54,6 +61,7 @@ from sshaudit.agent.peer import (
     peer_cred,
 )
 from sshaudit.agent.protocol import Message, MsgType, ProtocolError
+from sshaudit.agent.quota import SpoolQuota
 from sshaudit.agent.reconcile import Finding, FindingKind, PamEvent, Reconciler
 from sshaudit.agent.shipper_loop import ShipperThread, start_shipping
 from sshaudit.agent.spool import RecordingStatus, SessionRecord, Spool, SpoolFile, SpoolState
@@ -63,7 +71,13 @@ from sshaudit.sealed import rfc3339
 log = logging.getLogger("sshaudit.agent")
 T = TypeVar("T")
 
-HELLO_TIMEOUT = 5.0
+# A recorder, the PAM hook and the principals command send their first message at once; an
+# unchecked peer holds a connection (and its first bytes) this long at most.
+HELLO_TIMEOUT = 2.0
+# The PAM hook queues in the spool when it cannot reach the daemon in time (a busy daemon
+# too, not only a stopped one): taken over this often while the daemon runs.
+PAM_QUEUE_INTERVAL = 2.0
+QUOTA_SCAN_INTERVAL = 5.0  # the shipper removes shipped files behind the quota ledger
 STOP_TIMEOUT = 10.0
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 # asyncio stops reading a connection once twice this much waits in its buffer; the rest
@@ -105,6 +119,11 @@ class AgentDaemon:
             uid=spool_uid,
         )
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool")
+        # issue 9: the socket cannot starve the daemon, one user cannot fill the spool
+        self.admission = Admission(self.policy.max_connections_per_user)
+        self._refusals = RefusalLog(log, self.policy.max_connections_per_user)
+        self.quota = SpoolQuota(self.policy, config.spool_dir, self.io, self._make_room_for)
+        self._housekeeping_task: asyncio.Task[None] | None = None
         # Peer checks read /proc: they must not queue behind the spool's fsyncs, or a
         # burst of logins waits on other sessions' disk writes before it is accepted.
         self._peer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peer")
@@ -127,6 +146,8 @@ class AgentDaemon:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.reconciler = Reconciler(self.policy.reconcile_grace, loop.time, self.wall)
+        soft, hard = raise_nofile()
+        log.info("open files: soft limit %d, hard limit %d", soft, hard)
         await self.io(self.spool.prepare)
         for record in await self.io(self.spool.recover, self.wall()):
             log.warning(
@@ -154,6 +175,8 @@ class AgentDaemon:
         path.chmod(0o666)
         self._socket_ino = path.stat().st_ino
         self._reconcile_task = asyncio.create_task(self._reconcile_loop())
+        await self.quota.rescan()
+        self._housekeeping_task = asyncio.create_task(self._housekeeping_loop())
         log.info("listening on %s, spool %s", path, self.config.spool_dir)
 
     async def stop(self) -> None:
@@ -165,10 +188,12 @@ class AgentDaemon:
             writer.transport.abort()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=STOP_TIMEOUT)
-        if self._reconcile_task is not None:
-            self._reconcile_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconcile_task
+        for loop_task in (self._reconcile_task, self._housekeeping_task):
+            if loop_task is not None:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+        self._refusals.flush()
         if self.identity is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.identity.stop)
         if self.shipping is not None:
@@ -192,6 +217,22 @@ class AgentDaemon:
             await self.handle_findings(self.reconciler.pam_event(event))
         await self.handle_findings(self.reconciler.poll())
 
+    async def _housekeeping_loop(self) -> None:
+        """While the daemon runs: take over the PAM hook's queue, report refused
+        connections not logged yet, and rescan the spool for the quotas."""
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time() + QUOTA_SCAN_INTERVAL
+        while True:
+            await asyncio.sleep(PAM_QUEUE_INTERVAL)
+            self._refusals.flush()
+            try:
+                await self._take_pam_queue()
+                if loop.time() >= next_scan:
+                    next_scan = loop.time() + QUOTA_SCAN_INTERVAL
+                    await self.quota.rescan()
+            except (OSError, SSHAuditError) as exc:  # one bad file must not stop the loop
+                log.error("spool housekeeping failed: %s", exc)
+
     async def _reconcile_loop(self) -> None:
         assert self.reconciler is not None
         while True:
@@ -204,34 +245,49 @@ class AgentDaemon:
     # -- connections ---------------------------------------------------------------------
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The peer is known at accept (SO_PEERCRED), before a byte is read: a uid past its
+        # connection cap is closed at once, and only counted (agent/admission.py).
+        try:
+            cred = peer_cred(writer.get_extra_info("socket"))
+        except OSError as exc:
+            log.warning("peer credentials unavailable: %s", exc)
+            writer.transport.abort()
+            return
+        if not self.admission.admit(cred.uid):
+            self._refusals.refused(cred.uid, cred.pid)
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
         try:
-            await self._serve(reader, writer)
+            await self._serve(cred, reader, writer)
         except Exception:  # one connection must never take the daemon down
             log.exception("connection failed")
         finally:
+            self.admission.release(cred.uid)
             self._writers.discard(writer)
             writer.close()
             self._tasks.discard(task)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            cred = peer_cred(writer.get_extra_info("socket"))
-        except OSError as exc:
-            log.warning("peer credentials unavailable: %s", exc)
-            return
+    async def _serve(
+        self, cred: PeerCred, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         inbox = Inbox(reader)
         loop = asyncio.get_running_loop()
+        # The first message alone, bounded in bytes and time (agent/admission.py); the inbox
+        # reads what follows it.
         try:
-            first = await inbox.batch(loop.time() + self._hello_timeout)
+            msg = await read_first(
+                reader, loop.time() + self._hello_timeout, first_message_limit(cred.uid)
+            )
         except ProtocolError as exc:
             log.warning("pid %d uid %d: %s", cred.pid, cred.uid, exc)
             return
-        if not first:
+        if msg is None:
             return
+        first = [msg]
         if first[0].type is MsgType.PAM:
             await self._pam(cred, first[0], writer)
         elif first[0].type is MsgType.AUTH:
@@ -343,11 +399,16 @@ class AgentDaemon:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._peer_pool, self._ancestry, cred)
 
-    async def make_room(self) -> bool:
-        ok, dropped = await self.io(self.spool.make_room)
+    async def make_room(self, uid: int | None = None, need: int = 0) -> bool:
+        """Room for a new recording (or ``need`` more bytes); ``drop_oldest`` removes only
+        recordings the collector holds, and ``uid``'s own (None: nobody's)."""
+        ok, dropped = await self.io(self.spool.make_room, uid, need)
         for sid in dropped:
             log.warning("spool full: dropped the recording of session %s (record kept)", sid)
         return ok
+
+    async def _make_room_for(self, uid: int, need: int) -> bool:
+        return await self.make_room(uid, need)
 
 
 def _with_pam_identity(record: SessionRecord, pam: PamEvent) -> SessionRecord:

@@ -8,7 +8,8 @@ Layout of ``spool_dir`` (0700, owned by the daemon's user, root):
   spool state under ``spool``; replaced atomically (temporary file, fsync, ``os.replace``,
   fsync of the directory), so a reader sees the old or the new record, never half of one;
 - ``pam-queue.jsonl``: PAM events the hook could not hand to the daemon (it was down);
-  the daemon takes them over at start (see :meth:`Spool.take_pam_queue`).
+  the daemon takes them over at start and every few seconds while it runs (see
+  :meth:`Spool.take_pam_queue`).
 
 Invariants: the daemon refuses a spool directory that is a symlink, not owned by it, or open
 to group or others; every file is created 0600 with ``O_NOFOLLOW`` (and ``O_EXCL`` for
@@ -274,27 +275,52 @@ class Spool:
                     total += entry.stat(follow_symlinks=False).st_size
         return total
 
-    def make_room(self) -> tuple[bool, list[str]]:
-        """Is there room for a new recording? With ``drop_oldest``, first remove the oldest
-        finished recordings (their records stay, marked ``dropped``) until there is.
-        Returns whether a new session may start, and the session ids dropped."""
+    def make_room(self, uid: int | None = None, need: int = 0) -> tuple[bool, list[str]]:
+        """Is there room for ``need`` more bytes (a new recording: 0)? With ``drop_oldest``,
+        first remove finished recordings, oldest first, until there is: those the collector
+        already holds whole, then ``uid``'s own. Another user's unshipped recording is never
+        removed, so nobody can erase someone else's evidence by filling the spool (issue 9).
+        Dropped recordings keep their record, marked ``dropped``. Returns whether there is
+        room now, and the session ids dropped."""
         used = self.usage()
-        if used < self.max_bytes:
+        if used + need < self.max_bytes:
             return True, []
         if self.on_full is OnSpoolFull.REFUSE:
             return False, []
         dropped: list[str] = []
-        finished = [r for r in self.records() if r.spool_state is SpoolState.CLOSED]
-        for record in sorted(finished, key=lambda r: (r.session_start, r.session_id)):
-            if used < self.max_bytes:
+        for record, size, _ in self._droppable(uid):
+            if used + need < self.max_bytes:
                 break
-            sealed = self.path(record.sealed_name)
             with contextlib.suppress(FileNotFoundError):
-                used -= sealed.stat().st_size
-                sealed.unlink()
+                self.path(record.sealed_name).unlink()
+                used -= size
             self.write_record(replace(record, spool_state=SpoolState.DROPPED))
             dropped.append(record.session_id)
-        return used < self.max_bytes, dropped
+        return used + need < self.max_bytes, dropped
+
+    def _droppable(self, uid: int | None) -> list[tuple[SessionRecord, int, bool]]:
+        """Finished recordings ``drop_oldest`` may remove, in the order it removes them:
+        those shipped whole first (nothing is lost), then ``uid``'s own, oldest first."""
+        out = []
+        for record in self.records():
+            if record.spool_state is not SpoolState.CLOSED:
+                continue
+            try:
+                size = self.path(record.sealed_name).stat().st_size
+            except FileNotFoundError:
+                continue
+            shipped = self._collector_holds(record.session_id, size)
+            if shipped or (uid is not None and record.details.get("uid") == uid):
+                out.append((record, size, shipped))
+        return sorted(out, key=lambda c: (not c[2], c[0].session_start, c[0].session_id))
+
+    def _collector_holds(self, session_id: str, size: int) -> bool:
+        """The shipper's sidecar says the collector holds every byte of the file durably."""
+        # imported here: ship_files imports the shipper, which imports this module
+        from sshaudit.agent.ship_files import read_ship_state
+
+        state = read_ship_state(self.directory, session_id)
+        return state is not None and state.acked >= size
 
     def recover(self, now: datetime) -> list[SessionRecord]:
         """After a daemon restart: every recording left ``writing`` is closed as truncated

@@ -206,7 +206,9 @@ def test_recover_closes_recordings_left_writing(tmp_path: Path, keys: KeySet) ->
     assert result.completeness is Completeness.TRUNCATED and plain == b"frame 0\nframe 1\n"
 
 
-def _finished(s: Spool, keys: KeySet, sid: str, start: str, size_frames: int) -> None:
+def _finished(
+    s: Spool, keys: KeySet, sid: str, start: str, size_frames: int, uid: int | None = None
+) -> None:
     s.path(f"{sid}.sealed").write_bytes(sealed_bytes(keys, sid, size_frames, close=True))
     s.write_record(
         SessionRecord(
@@ -214,6 +216,7 @@ def _finished(s: Spool, keys: KeySet, sid: str, start: str, size_frames: int) ->
             session_start=start,
             recording_status=RecordingStatus.COMPLETE,
             spool_state=SpoolState.CLOSED,
+            details={} if uid is None else {"uid": uid},
         )
     )
 
@@ -226,17 +229,48 @@ def test_full_spool_refuses(tmp_path: Path, keys: KeySet) -> None:
     assert s.path("old.sealed").exists()
 
 
-def test_full_spool_drops_the_oldest_finished(tmp_path: Path, keys: KeySet) -> None:
+def test_full_spool_drops_the_oldest_finished_of_the_same_user(
+    tmp_path: Path, keys: KeySet
+) -> None:
     s = spool(tmp_path, max_bytes=6000, on_full=OnSpoolFull.DROP_OLDEST)
-    _finished(s, keys, "b-old", "2026-01-01T00:00:00Z", 40)
-    _finished(s, keys, "a-new", "2026-06-01T00:00:00Z", 40)
+    _finished(s, keys, "b-old", "2026-01-01T00:00:00Z", 40, uid=1001)
+    _finished(s, keys, "a-new", "2026-06-01T00:00:00Z", 40, uid=1001)
     s.path("live.sealed").write_bytes(sealed_bytes(keys, "live", 40, close=False))
     s.write_record(SessionRecord(session_id="live", session_start="2025-01-01T00:00:00Z"))
-    ok, dropped = s.make_room()
+    assert s.make_room() == (False, [])  # nobody named: no unshipped recording may go
+    ok, dropped = s.make_room(1001)
     assert ok and dropped == ["b-old"]
     assert not s.path("b-old.sealed").exists() and s.path("a-new.sealed").exists()
     assert s.read_record("b-old").spool_state is SpoolState.DROPPED
     assert s.path("live.sealed").exists()  # a recording being written is never dropped
+
+
+def test_drop_oldest_never_drops_another_users_unshipped_recording(
+    tmp_path: Path, keys: KeySet
+) -> None:
+    s = spool(tmp_path, max_bytes=6000, on_full=OnSpoolFull.DROP_OLDEST)
+    _finished(s, keys, "bob-old", "2026-01-01T00:00:00Z", 60, uid=1002)
+    _finished(s, keys, "alice", "2026-06-01T00:00:00Z", 10, uid=1001)
+    alice_size = s.path("alice.sealed").stat().st_size
+    s.max_bytes = s.usage() - alice_size - 10  # full: only bob's recording would make room
+    assert s.make_room(1001) == (False, ["alice"])  # her own went, bob's stays: still full
+    assert s.path("bob-old.sealed").exists()
+    assert s.read_record("bob-old").spool_state is SpoolState.CLOSED
+
+
+def test_drop_oldest_drops_what_the_collector_holds_first(tmp_path: Path, keys: KeySet) -> None:
+    s = spool(tmp_path, max_bytes=6000, on_full=OnSpoolFull.DROP_OLDEST)
+    _finished(s, keys, "bob-shipped", "2026-03-01T00:00:00Z", 40, uid=1002)
+    _finished(s, keys, "alice-old", "2026-01-01T00:00:00Z", 40, uid=1001)
+    size = s.path("bob-shipped.sealed").stat().st_size
+    partly = {"session_id": "bob-shipped", "acked": size - 1}
+    s.max_bytes = s.usage() + 100  # full once the sidecar is there
+    s.path("bob-shipped.ship").write_text(json.dumps(partly))
+    assert s.make_room(1003, need=1000) == (False, [])  # not all of it: bob's still counts
+    s.path("bob-shipped.ship").write_text(json.dumps({**partly, "acked": size}))
+    ok, dropped = s.make_room(1001, need=1000)
+    assert ok and dropped == ["bob-shipped"]  # whole at the collector: nothing is lost
+    assert s.path("alice-old.sealed").exists()
 
 
 def test_drop_oldest_cannot_drop_live_recordings(tmp_path: Path, keys: KeySet) -> None:
