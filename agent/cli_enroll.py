@@ -86,6 +86,14 @@ def add_parsers(sub: Any, formatter: Any) -> None:
         "--pam-service", default="sshd", help="PAM file name in --pam-dir (default sshd)"
     )
     e.add_argument(
+        "--shell-etc",
+        type=Path,
+        default=Path("/etc"),
+        metavar="DIR",
+        help="where zsh/zshenv, csh.cshrc and fish/config.fish live (default /etc): each "
+        "installed shell hands over to the recorder there before any user file",
+    )
+    e.add_argument(
         "--sshd",
         type=Path,
         default=Path("/usr/sbin/sshd"),
@@ -179,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
             token=_token(args),
             fingerprint=fingerprint,
             layout=layout,
-            sshd=SshdTarget(args.sshd_config, args.pam_dir / args.pam_service, args.sshd),
+            sshd=SshdTarget(
+                args.sshd_config, args.pam_dir / args.pam_service, args.sshd, args.shell_etc
+            ),
             hostname=args.hostname,
             sshd_log=args.sshd_log,
             principals_user=args.principals_user,

@@ -25,7 +25,7 @@ from sshaudit.agent import enroll_proc
 from sshaudit.agent.launcher import write_launcher
 from sshaudit.agent.layout import Layout
 from sshaudit.errors import ConfigError
-from sshaudit.installer import files, pam_edit, sshd_check
+from sshaudit.installer import files, pam_edit, shell_edit, sshd_check
 from sshaudit.installer.sshd_edit import (
     DROPIN_NAME,
     SshdSettings,
@@ -48,6 +48,9 @@ class SshdTarget:
     config: Path  # sshd_config
     pam_file: Path  # /etc/pam.d/sshd (or a private sshd's own service)
     binary: Path  # for sshd -t
+    # Where the shells' system start-up files live (/etc; installer/shell_edit.py); None: leave
+    # them alone (a private test sshd whose users' shells are not ours to change).
+    shell_etc: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ def _flag(policy: Mapping[str, Any], name: str) -> bool:
     return isinstance(forwarding, dict) and forwarding.get(name) is True
 
 
+def recorder_argv(layout: Layout) -> tuple[str, ...]:
+    """The ForceCommand's words: the recorder launcher (agent/launcher.py) and its config."""
+    return (str(layout.recorder), "--config", str(layout.config))
+
+
 def settings_for(
     layout: Layout, principals_user: str, policy: Mapping[str, Any], setenv: tuple[str, ...]
 ) -> SshdSettings:
@@ -69,7 +77,7 @@ def settings_for(
         f"{layout.principals} --policy {layout.policy} --socket {layout.socket} " + PRINCIPAL_TOKENS
     )
     return SshdSettings(
-        force_command=f"{layout.recorder} --config {layout.config}",
+        force_command=" ".join(recorder_argv(layout)),
         trusted_ca_file=str(layout.ca_keys),
         principals_command=principals,
         principals_user=principals_user,
@@ -137,8 +145,28 @@ def plan(
     changes.append(
         files.FileChange(target.pam_file, pam_edit.add_hook(pam, session, account), pam_mode)
     )
+    changes.extend(shell_changes(target.shell_etc, layout))
     todo = tuple(c for c in changes if files.read_text(c.path) != c.new_text)
     return Plan(todo, files.unified_diff(todo), tuple(notes))
+
+
+def shell_changes(etc: Path | None, layout: Layout) -> list[files.FileChange]:
+    """The hand-over block (installer/shell_edit.py) at the top of each installed shell's
+    system start-up file under ``etc``: a shell counts as installed when its file exists or
+    its own directory does (zsh: etc/zsh, fish: etc/fish)."""
+    if etc is None:
+        return []
+    argv = recorder_argv(layout)
+    out = []
+    for startup in shell_edit.STARTUP_FILES:
+        path = etc / startup.relative
+        own = startup.own_dir is not None and (etc / startup.own_dir).is_dir()
+        if not (path.is_file() or own):
+            continue
+        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+        text = shell_edit.add_hook(files.read_text(path) or "", startup.shell, argv)
+        out.append(files.FileChange(path, text, mode))
+    return out
 
 
 def apply(

@@ -82,6 +82,19 @@ class Setup:
         self.token_file = tmp / "auditor.token"
         self.token_file.write_text(self.token("auditor") + "\n")
         self.token_file.chmod(0o600)
+        # The shells' system start-up files (Debian's, from the golden inputs) in a private
+        # /etc: enroll edits them there, never the host's own (tests/test_attack_startup.py
+        # runs the real ones).
+        self.shell_etc = tmp / "etc"
+        golden = Path(__file__).parent / "golden" / "shells" / "debian12"
+        for name, relative in (
+            ("zsh-zshenv", "zsh/zshenv"),
+            ("tcsh-csh.cshrc", "csh.cshrc"),
+            ("fish-config.fish", "fish/config.fish"),
+        ):
+            (self.shell_etc / relative).parent.mkdir(parents=True, exist_ok=True)
+            (self.shell_etc / relative).write_bytes((golden / name).read_bytes())
+        self.shell_files = sorted(p for p in self.shell_etc.rglob("*") if p.is_file())
 
     def token(self, role: str) -> str:
         return cli_ok("token", "create", "--data", str(self.data), "--role", role).split()[-1]
@@ -97,7 +110,7 @@ class Setup:
             "--pam-dir", str(s.pam_file.parent), "--pam-service", s.pam_file.name,
             "--sshd", str(s.link), "--sshd-log", str(s.log_path), "--principals-user", "nobody",
             "--state-dir", str(self.state), "--refresh-seconds", "1", "--hostname", "e2e-enrolled",
-            *extra,
+            "--shell-etc", str(self.shell_etc), *extra,
         ]  # fmt: skip
 
     def auditor_cli(self, *argv: str) -> str:
@@ -159,12 +172,19 @@ def test_enroll_records_certificate_logins_logs_denials_and_unenroll_restores(
     setup: Setup, bob: UnixUser, alice: UnixUser
 ) -> None:
     s = setup
-    before = {p: p.read_bytes() for p in (s.sshd.config_path, s.sshd.pam_file)}
+    before = {p: p.read_bytes() for p in (s.sshd.config_path, s.sshd.pam_file, *s.shell_files)}
     assert s.sshd.ssh(bob, "echo plain-before").stdout == b"plain-before\n"
 
     dry = run(s.enroll_argv("--dry-run"))
     assert dry.returncode == 0, dry.stderr
     assert "+ForceCommand" in dry.stdout and "pam_exec.so" in dry.stdout
+    assert "+PermitUserEnvironment no" in dry.stdout
+    # the harness's PAM file is a copy of Debian's: pam_env stops reading ~/.pam_environment
+    assert "-session    required     pam_env.so user_readenv=1" in dry.stdout, dry.stdout
+    assert "+session    required     pam_env.so user_readenv=0" in dry.stdout
+    for shell_file in s.shell_files:  # each shell hands over to the recorder first
+        assert f"+++ b/{str(shell_file).lstrip('/')}" in dry.stdout
+    assert dry.stdout.count("+# BEGIN sshaudit recorder handover") == 3
     assert {p: p.read_bytes() for p in before} == before  # a dry run changes nothing
 
     t0 = time.monotonic()
@@ -176,6 +196,8 @@ def test_enroll_records_certificate_logins_logs_denials_and_unenroll_restores(
     again = run(s.enroll_argv())  # idempotent: no new enrollment, nothing changed
     assert again.returncode == 0 and "already enrolled" in again.stdout, again.stdout + again.stderr
     assert "nothing changed" in again.stdout, again.stdout
+    for shell_file in s.shell_files:
+        assert shell_file.read_text().startswith("# BEGIN sshaudit recorder handover")
 
     status = run([AGENT, "status", "--json", "--state-dir", str(s.state)])
     doc = json.loads(status.stdout)
@@ -236,7 +258,7 @@ def test_enroll_records_certificate_logins_logs_denials_and_unenroll_restores(
 
 def test_enroll_rolls_back_when_sshd_rejects_the_result(setup: Setup, root_work_dir: Path) -> None:
     s = setup
-    before = {p: p.read_bytes() for p in (s.sshd.config_path, s.sshd.pam_file)}
+    before = {p: p.read_bytes() for p in (s.sshd.config_path, s.sshd.pam_file, *s.shell_files)}
     # an sshd whose -t refuses everything: enroll must put every file back
     fake = root_work_dir / "sshd"
     refuse = '[ "$1" = -t ] && { echo "line 1: Bad configuration option" >&2; exit 255; }'

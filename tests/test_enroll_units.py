@@ -5,6 +5,7 @@ host that is not enrolled, enroll refused to a non-root user)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from sshaudit.agent.enroll import EnrollOptions, _toml, agent_config_text
 from sshaudit.agent.enroll_sshd import SshdTarget, apply, plan, restore
 from sshaudit.agent.layout import Layout
 from sshaudit.errors import ConfigError, SSHAuditError
+from sshaudit.installer import shell_edit
 from sshaudit.installer.sshd_edit import BLOCK_BEGIN, DROPIN_NAME
 
 AGENT = str(Path(sys.executable).parent / "sshaudit-agent")
@@ -192,6 +194,48 @@ def test_a_dropin_read_before_ours_that_sets_our_keyword_conflicts(tmp_path: Pat
     host = Host(tmp_path, f"Include {conf_d}/*.conf\n" + SSHD_CONFIG)
     with pytest.raises(ConfigError, match=re.escape("00-aaa.conf:1: read before 00-sshaudit.conf")):
         host.plan()
+
+
+GOLDEN_SHELLS = Path(__file__).parent / "golden" / "shells" / "debian12"
+
+
+def test_pam_env_and_shell_startup_files_change_in_the_same_transaction(tmp_path: Path) -> None:
+    """Issue 9 point 3: pam_env's user_readenv=1 becomes 0, each installed shell's system
+    start-up file gets the hand-over block, all shown by the plan's diff (``--dry-run``) and
+    put back byte for byte (a file that did not exist is removed again)."""
+    host = Host(tmp_path)
+    host.pam.write_text(PAM + "session required pam_env.so user_readenv=1 envfile=/etc/x\n")
+    etc = tmp_path / "etc"
+    (etc / "zsh").mkdir(parents=True)
+    (etc / "zsh" / "zshenv").write_bytes((GOLDEN_SHELLS / "zsh-zshenv").read_bytes())
+    (etc / "csh.cshrc").write_bytes((GOLDEN_SHELLS / "tcsh-csh.cshrc").read_bytes())
+    (etc / "csh.cshrc").chmod(0o640)
+    (etc / "fish").mkdir()  # fish installed, no config.fish yet
+    host.target = dataclasses.replace(host.target, shell_etc=etc)
+    shells = [etc / "zsh" / "zshenv", etc / "csh.cshrc", etc / "fish" / "config.fish"]
+    before = {p: p.read_bytes() for p in [host.config, host.pam, *shells[:2]]}
+    p = host.plan()
+    assert [c.path for c in p.changes] == [host.config, host.pam, *shells]
+    assert "+session required pam_env.so user_readenv=0 envfile=/etc/x" in p.diff
+    assert "+PermitUserEnvironment no" in p.diff
+    command = f"{host.layout.recorder} --config {host.layout.config}"
+    for shell in shells:
+        assert f"+++ b/{str(shell).lstrip('/')}" in p.diff
+    assert p.diff.count(f"+    exec {command}") == 1  # fish
+    assert p.diff.count(f"+  exec {command}") == 1  # zsh
+    changed, _ = host.apply()
+    assert changed and shells[2].read_text().startswith(shell_edit.BEGIN)
+    assert shells[0].read_text().endswith(before[shells[0]].decode())
+    assert stat.S_IMODE(shells[1].stat().st_mode) == 0o640
+    assert host.plan().changes == ()  # idempotent
+    restore(host.target, host.layout)
+    assert {p: p.read_bytes() for p in before} == before and not shells[2].exists()
+
+
+def test_no_shell_directory_no_shell_change(host: Host, tmp_path: Path) -> None:
+    host.target = dataclasses.replace(host.target, shell_etc=tmp_path / "empty-etc")
+    (tmp_path / "empty-etc").mkdir()
+    assert [c.path for c in host.plan().changes] == [host.config, host.pam]
 
 
 def test_missing_files_are_named(host: Host) -> None:
